@@ -1,0 +1,197 @@
+"""Configuration: one settings object per program, from a TOML file and ``EDGEOPS_`` variables.
+
+Precedence, highest first: explicit overrides (command-line options), environment variables,
+the TOML file, defaults. Every error is a :class:`ConfigError` whose message names the
+source and the field; callers print it as one line.
+
+The hub's :class:`edgeops.config.Settings` builds on :class:`FileBackedSettings` from here,
+so both programs read files and report errors the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from device_agent.errors import ConfigError, ProtocolError
+from device_agent.link import MqttEndpoint, TlsFiles, mask_url
+from device_agent.protocol import validate_device_id
+
+DEFAULT_DATA_DIR = Path("~/.edgeops")
+
+# Values people leave in examples; refused as secrets unless dev mode is on.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "changeme", "change-me", "change_me", "changethis", "secret", "password", "admin",
+     "example", "default", "edgeops"}
+)
+
+_FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("edgeops_file_values", default={})  # noqa: B039
+_FILE_NAME: ContextVar[str] = ContextVar("edgeops_file_name", default="")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML configuration file, or raise ConfigError naming the file and the line."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable (permission denied)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+
+
+def describe_validation_error(exc: ValidationError, env_prefix: str) -> str:
+    """One line naming every offending field, its source and what was expected."""
+    source = _FILE_NAME.get()
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        where = f"{loc} (env {env_prefix}{loc.upper()}"
+        where += f" or {source})" if source else ")"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown setting {loc!r}" + (f" in {source}" if source else ""))
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) or value is None else f", got {value!r}"
+        parts.append(f"{where}: {message}{shown}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def is_placeholder(secret: str | None) -> bool:
+    return secret is not None and secret.strip().lower() in PLACEHOLDER_SECRETS
+
+
+class FileBackedSettings(BaseSettings):
+    """Settings that also read a TOML file, below the environment in precedence."""
+
+    CONFIG_ENV: ClassVar[str] = "EDGEOPS_CONFIG"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            InitSettingsSource(settings_cls, init_kwargs=_FILE_VALUES.get()),
+        )
+
+    @classmethod
+    def load(cls, config_file: Path | str | None = None, **overrides: Any) -> Self:
+        """Build the settings; ``None`` overrides are ignored (an option that was not given)."""
+        path = config_file or os.environ.get(cls.CONFIG_ENV) or None
+        file_values = read_toml(Path(path).expanduser()) if path else {}
+        values_token = _FILE_VALUES.set(file_values)
+        name_token = _FILE_NAME.set(str(path) if path else "")
+        env_prefix = str(cls.model_config.get("env_prefix", ""))
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, env_prefix)) from None
+        finally:
+            _FILE_VALUES.reset(values_token)
+            _FILE_NAME.reset(name_token)
+
+
+class AgentSettings(FileBackedSettings):
+    """The device agent's configuration (``agent.toml`` and ``EDGEOPS_AGENT_*`` variables).
+
+    ``data_dir`` and ``mqtt_url`` also honour the hub-wide ``EDGEOPS_DATA_DIR`` and
+    ``EDGEOPS_MQTT_URL`` so one environment can configure a whole demo.
+    """
+
+    CONFIG_ENV: ClassVar[str] = "EDGEOPS_AGENT_CONFIG"
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEOPS_AGENT_", extra="forbid", populate_by_name=True
+    )
+
+    device_id: str = Field(description="this device's id: its MQTT client id and topic level")
+    mqtt_url: str = Field(
+        default="mqtt://127.0.0.1:1883",
+        validation_alias=AliasChoices("mqtt_url", "EDGEOPS_AGENT_MQTT_URL", "EDGEOPS_MQTT_URL"),
+        description="broker URL, mqtt://user:pass@host:port or mqtts:// for TLS",
+    )
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    data_dir: Path = Field(
+        default=DEFAULT_DATA_DIR,
+        validation_alias=AliasChoices("data_dir", "EDGEOPS_AGENT_DATA_DIR", "EDGEOPS_DATA_DIR"),
+        description="root of everything EdgeOps writes; the agent uses agents/<device_id>/",
+    )
+    hardware: dict[str, str] = Field(
+        default_factory=dict, description="hardware tags reported to the hub, e.g. arch=aarch64"
+    )
+    heartbeat_s: float = Field(default=30.0, gt=0, description="state re-publish interval")
+    dev_mode: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("dev_mode", "EDGEOPS_AGENT_DEV_MODE", "EDGEOPS_DEV_MODE"),
+    )
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        try:
+            return validate_device_id(value)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        try:
+            MqttEndpoint.parse(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> Self:
+        if not self.dev_mode and is_placeholder(self.endpoint.password):
+            raise ValueError(
+                f"the MQTT password in {mask_url(self.mqtt_url)} is a placeholder; "
+                "set a real one (or EDGEOPS_DEV_MODE=1 for local experiments)"
+            )
+        return self
+
+    @property
+    def endpoint(self) -> MqttEndpoint:
+        return MqttEndpoint.parse(self.mqtt_url)
+
+    @property
+    def tls_files(self) -> TlsFiles:
+        return TlsFiles(self.mqtt_ca_file, self.mqtt_cert_file, self.mqtt_key_file)
+
+    @property
+    def state_dir(self) -> Path:
+        """Where this agent keeps its own files."""
+        return self.data_dir / "agents" / self.device_id

@@ -1,0 +1,142 @@
+"""The hub's settings: one object, from ``EDGEOPS_*`` variables and an optional TOML file.
+
+Everything the hub writes lives under ``data_dir`` (``EDGEOPS_DATA_DIR``, default
+``~/.edgeops``), so a run in a fresh temporary data dir starts from nothing. The TOML file is
+``--config FILE``, else ``EDGEOPS_CONFIG``, else ``<data_dir>/edgeops.toml`` when present.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from device_agent.config import DEFAULT_DATA_DIR, FileBackedSettings, is_placeholder
+from device_agent.errors import ConfigError
+from device_agent.link import MqttEndpoint, TlsFiles, mask_url
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Settings(FileBackedSettings):
+    """Effective configuration of the hub and of the ``edgeops`` command."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEOPS_", extra="forbid")
+
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="root of everything EdgeOps writes")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; default sqlite:///<data_dir>/edgeops.db. "
+        "PostgreSQL: postgresql+psycopg://user:pass@host:5432/db",
+    )
+    mqtt_url: str | None = Field(
+        default=None,
+        description="broker URL mqtt://user:pass@host:port (mqtts:// for TLS); "
+        "unset: the demo starts the embedded broker",
+    )
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    mqtt_client_id: str = Field(default="edgeops-hub", min_length=1, max_length=64)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    secret_key: SecretStr | None = Field(
+        default=None, description="key for signing API tokens and sessions"
+    )
+    dev_mode: bool = Field(
+        default=False, description="local experiments: allows placeholder secrets"
+    )
+    log_level: LogLevel = "INFO"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                MqttEndpoint.parse(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value or None
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if not scheme.startswith(("sqlite", "postgresql")):
+            raise ValueError(
+                f"database URL {mask_url(value)!r} must start with sqlite:// or postgresql://"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> Self:
+        if self.dev_mode:
+            return self
+        checks: list[tuple[str, str | None]] = [
+            ("secret_key", self.secret_key.get_secret_value() if self.secret_key else None),
+            ("mqtt_url password", self.mqtt_endpoint.password if self.mqtt_endpoint else None),
+            ("database_url password", _url_password(self.database_url)),
+        ]
+        for name, secret in checks:
+            if is_placeholder(secret):
+                raise ValueError(
+                    f"{name} is a placeholder value; set a real secret "
+                    "(placeholders are allowed only with EDGEOPS_DEV_MODE=1)"
+                )
+        return self
+
+    @property
+    def database(self) -> str:
+        """The effective database URL."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'edgeops.db'}"
+
+    @property
+    def mqtt_endpoint(self) -> MqttEndpoint | None:
+        return MqttEndpoint.parse(self.mqtt_url) if self.mqtt_url else None
+
+    @property
+    def tls_files(self) -> TlsFiles:
+        return TlsFiles(self.mqtt_ca_file, self.mqtt_cert_file, self.mqtt_key_file)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The effective configuration with every secret masked, for display."""
+        data = self.model_dump(mode="json")
+        data["database_url"] = mask_url(self.database)
+        data["mqtt_url"] = mask_url(self.mqtt_url) if self.mqtt_url else None
+        data["secret_key"] = "***" if self.secret_key else None
+        return data
+
+
+def _url_password(url: str | None) -> str | None:
+    if not url:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Settings from overrides, environment, and the TOML file (see module docstring)."""
+    if config_file is None and not os.environ.get(Settings.CONFIG_ENV):
+        data_dir = Path(
+            overrides.get("data_dir") or os.environ.get("EDGEOPS_DATA_DIR") or DEFAULT_DATA_DIR
+        ).expanduser()
+        default_file = data_dir / "edgeops.toml"
+        if default_file.is_file():
+            config_file = default_file
+    return Settings.load(config_file, **overrides)
