@@ -63,13 +63,16 @@ def describe_validation_error(exc: ValidationError, env_prefix: str) -> str:
     source = _FILE_NAME.get()
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        loc = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a rule across fields
+            parts.append(message)
+            continue
         where = f"{loc} (env {env_prefix}{loc.upper()}"
         where += f" or {source})" if source else ")"
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown setting {loc!r}" + (f" in {source}" if source else ""))
             continue
-        message = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
         shown = "" if isinstance(value, dict) or value is None else f", got {value!r}"
         parts.append(f"{where}: {message}{shown}")

@@ -1,0 +1,5 @@
+"""HTTP API of the hub."""
+
+from edgeops.api.app import create_app
+
+__all__ = ["create_app"]

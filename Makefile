@@ -1,0 +1,46 @@
+# EdgeOps: the two commands a new user needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test services lint typecheck pytest bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "EdgeOps needs Python >= 3.11 ($(PYTHON) is older)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[all,dev]'
+	touch $@
+
+install: $(STAMP)  ## create .venv and install EdgeOps with every extra
+
+demo: install  ## run the demo: embedded broker, hub and 3 agents (EDGEOPS_DEMO_HEADLESS=1 ends by itself)
+	$(BIN)/edgeops demo --devices 3
+
+services:  ## install and start what the tests need (Mosquitto, PostgreSQL; apt-get as root)
+	bash scripts/test-services.sh
+
+lint: install  ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install  ## mypy, strict
+	$(BIN)/mypy
+
+pytest: install services
+	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
+
+test: install services lint typecheck pytest  ## everything CI runs; ends with pytest's summary
+
+bench: install services  ## benchmarks; results in bench/results/
+	$(BIN)/python bench/mqtt_qos1.py
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* build *.egg-info

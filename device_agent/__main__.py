@@ -1,0 +1,5 @@
+"""``python -m device_agent`` is ``edgeops-agent``."""
+
+from device_agent.cli import run
+
+run()

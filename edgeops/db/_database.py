@@ -1,0 +1,119 @@
+"""The :class:`Database` facade: one engine, its sessions, its migrations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.util.exc import CommandError
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from device_agent.link import mask_url
+from edgeops.db import _engine, _migrations
+from edgeops.errors import DatabaseError
+
+# Any constant shared by every hub process: two hubs starting together migrate one by one.
+_MIGRATION_LOCK_KEY = 0x6564_6765_6F70  # "edgeop"
+
+
+class Database:
+    """One database, SQLite or PostgreSQL, given by its SQLAlchemy URL.
+
+    Creating it does not connect; :meth:`check` does. Every failure to reach or migrate the
+    database raises :class:`~edgeops.errors.DatabaseError` with a one-line message that names
+    the URL with its password masked.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.display_url = mask_url(url)
+        """The URL as given, password masked: fit for logs and messages."""
+        self._url = _engine.parse_url(url)
+        self.engine: Engine = _engine.create_engine(self._url, self.display_url)
+
+    def __repr__(self) -> str:
+        return f"Database({self.display_url!r})"
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._url.get_backend_name()
+
+    def check(self) -> None:
+        """Connect once; raise DatabaseError saying why if that fails."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError as exc:
+            raise DatabaseError(
+                f"cannot connect to database {self.display_url}: {self._cause(exc)}"
+            ) from exc
+
+    def upgrade(self) -> str:
+        """Apply the shipped migrations up to the newest; returns that revision.
+
+        Already at the newest revision, this changes nothing. On PostgreSQL the whole upgrade
+        is one transaction, so a failed migration leaves the schema as it was.
+        """
+        head = _migrations.head_revision()
+        try:
+            with self.engine.begin() as connection:
+                if self.backend == "postgresql":
+                    connection.execute(
+                        sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                    )
+                current = _migrations.current_revision(connection)
+                if current is not None and current not in self._known_revisions():
+                    raise DatabaseError(
+                        f"database {self.display_url} is at revision {current!r}, which this "
+                        f"version of EdgeOps does not know (newest here: {head!r}); "
+                        "upgrade EdgeOps or use another database"
+                    )
+                command.upgrade(_migrations.alembic_config(connection), "head")
+        except (sa.exc.SQLAlchemyError, CommandError) as exc:
+            raise DatabaseError(
+                f"cannot migrate database {self.display_url} to revision {head!r}: "
+                f"{self._cause(exc)}"
+            ) from exc
+        return head
+
+    def current_revision(self) -> str | None:
+        """The migration revision of the database; None if it was never migrated."""
+        try:
+            with self.engine.connect() as connection:
+                return _migrations.current_revision(connection)
+        except sa.exc.SQLAlchemyError as exc:
+            raise DatabaseError(
+                f"cannot read the revision of database {self.display_url}: {self._cause(exc)}"
+            ) from exc
+
+    @staticmethod
+    def head_revision() -> str:
+        """The newest migration revision shipped with this code."""
+        return _migrations.head_revision()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: commits when the block ends, rolls back if it raises.
+
+        Objects stay readable after the block (``expire_on_commit=False``). A lost or
+        refused connection surfaces as DatabaseError; other errors pass through unchanged.
+        """
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except sa.exc.OperationalError as exc:
+            raise DatabaseError(f"database {self.display_url} failed: {self._cause(exc)}") from exc
+
+    def dispose(self) -> None:
+        """Close every pooled connection. The object stays usable; it reconnects on demand."""
+        self.engine.dispose()
+
+    def _cause(self, exc: BaseException) -> str:
+        return _engine.short_cause(exc, self._url.password)
+
+    @staticmethod
+    def _known_revisions() -> set[str]:
+        return {script.revision for script in _migrations.script_directory().walk_revisions()}

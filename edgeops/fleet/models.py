@@ -1,0 +1,56 @@
+"""The fleet's tables and read models: one device twin per row.
+
+DeviceBase      the fields every device form shares
+├── Device      the ``devices`` table
+└── DeviceView  what services hand out (API, CLI): plain data, ``to_dict()`` for JSON
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Self
+
+from sqlmodel import Field, SQLModel
+
+from edgeops.db.types import JSONDocument, UTCDateTime, utcnow
+
+DEVICE_ID_MAX_LENGTH = 63  # as device_agent.protocol.DEVICE_ID_PATTERN allows
+
+
+class DeviceBase(SQLModel):
+    device_id: str = Field(primary_key=True, max_length=DEVICE_ID_MAX_LENGTH)
+    online: bool = Field(default=False, description="as last said by its presence topic")
+    last_seen: datetime | None = Field(
+        default=None, sa_type=UTCDateTime, description="hub time of the last applied presence"
+    )
+    agent_version: str | None = Field(default=None, description="from the last state report")
+    hardware: dict[str, str] = Field(
+        default_factory=dict, sa_type=JSONDocument, description="hardware tags, name -> value"
+    )
+    reported: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_type=JSONDocument,
+        description="the whole last applied state report, unknown fields included",
+    )
+    state_ts: float | None = Field(default=None, description="ts of the last applied report")
+    presence_ts: float | None = Field(default=None, description="ts of the last applied presence")
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Device(DeviceBase, table=True):
+    """A device twin as stored. Written by :class:`~edgeops.fleet.FleetService` only."""
+
+    __tablename__ = "devices"
+
+
+class DeviceView(DeviceBase):
+    """A device as services hand it out, detached from any session."""
+
+    @classmethod
+    def from_device(cls, device: Device) -> Self:
+        return cls.model_validate(device, from_attributes=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: datetimes as ISO 8601 strings in UTC."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,80 @@
+"""The hub's MQTT bridge: device state and presence in, through the fleet service, to the DB.
+
+The bridge owns one :class:`MqttLink` with the hub's own identity. :meth:`pump` runs on the
+owner's thread, decodes what the link queued and calls the services; malformed payloads are
+counted and dropped by the dispatcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from device_agent.dispatch import Dispatcher
+from device_agent.errors import LinkError
+from device_agent.link import Connected, Disconnected, MqttEndpoint, MqttLink, TlsFiles
+from device_agent.protocol import QOS, Channel, Document, Presence, StateReport, subscription
+from edgeops.errors import BrokerError
+from edgeops.fleet import FleetService
+
+log = logging.getLogger(__name__)
+
+
+class HubBridge:
+    """Subscribes to every device's ``state`` and ``presence`` and records them."""
+
+    def __init__(
+        self,
+        endpoint: MqttEndpoint,
+        fleet: FleetService,
+        *,
+        client_id: str = "edgeops-hub",
+        tls: TlsFiles | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.link = MqttLink(endpoint, client_id=client_id, tls=tls)
+        self.dispatcher = Dispatcher()
+        self.dispatcher.on(Channel.STATE, self._on_state)
+        self.dispatcher.on(Channel.PRESENCE, self._on_presence)
+        for channel in (Channel.STATE, Channel.PRESENCE):
+            self.link.subscribe(subscription(channel), QOS)
+
+    def start(self, wait_s: float = 10.0) -> None:
+        """Connect; raise BrokerError naming the broker if it cannot be reached in time."""
+        try:
+            self.link.start(wait_s=wait_s)
+        except LinkError as exc:
+            raise BrokerError(str(exc)) from None
+
+    def pump(self, timeout_s: float = 0.2) -> int:
+        """Handle queued events for up to ``timeout_s``; returns how many were handled."""
+        deadline = time.monotonic() + timeout_s
+        handled = 0
+        while True:
+            event = self.link.get(timeout_s=max(0.0, deadline - time.monotonic()))
+            if event is None:
+                return handled
+            handled += 1
+            if isinstance(event, Connected):
+                log.info("hub connected to %s", self.link.endpoint.url)
+            elif isinstance(event, Disconnected):
+                log.warning("hub disconnected from broker (%s); reconnecting", event.reason)
+            else:
+                self.dispatcher.dispatch(event)
+
+    def run(self, stop: threading.Event) -> None:
+        """Pump until ``stop`` is set (for a background thread)."""
+        while not stop.is_set():
+            self.pump(0.25)
+
+    def stop(self) -> None:
+        self.link.stop()
+
+    def _on_state(self, device_id: str, document: Document) -> None:
+        assert isinstance(document, StateReport)
+        self.fleet.record_state(document)
+
+    def _on_presence(self, device_id: str, document: Document) -> None:
+        assert isinstance(document, Presence)
+        self.fleet.record_presence(document)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs (apt-get, as root) and starts what the test suite needs when it is missing:
+# the Mosquitto binary (tests start private brokers from deploy/mosquitto/mosquitto.conf)
+# and a PostgreSQL server on 127.0.0.1:5432 (EDGEOPS_TEST_POSTGRES_URL overrides it).
+set -euo pipefail
+
+apt_updated=0
+need_pkg() {  # need_pkg COMMAND PACKAGE...
+  if command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; then return 0; fi
+  shift
+  if [ "$(id -u)" != 0 ]; then
+    echo "test-services: $* missing and not root: install them (apt-get install $*)" >&2
+    exit 1
+  fi
+  if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi
+  echo "test-services: installing $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+need_pkg mosquitto mosquitto
+need_pkg pg_isready postgresql postgresql-client
+
+if [ -z "${EDGEOPS_TEST_POSTGRES_URL:-}" ]; then
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    echo "test-services: starting PostgreSQL"
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+  fi
+  pg_isready -h 127.0.0.1 -p 5432
+fi
