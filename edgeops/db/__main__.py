@@ -9,12 +9,14 @@ nothing. The other commands act on ``--url``, else on the database of the curren
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from alembic import command
+from alembic.config import Config
 from alembic.operations.ops import MigrationScript
 from alembic.runtime.migration import MigrationContext
 from alembic.util.exc import CommandError
@@ -84,8 +86,10 @@ def _revision(url: str | None, message: str, *, autogenerate: bool) -> str:
                     f"{database.head_revision()!r}; upgrade it first"
                 )
             with database.engine.begin() as connection:
+                config = _migrations.alembic_config(connection)
+                _format_with_ruff(config)
                 script = command.revision(
-                    _migrations.alembic_config(connection),
+                    config,
                     message=message,
                     autogenerate=autogenerate,
                     rev_id=_migrations.next_revision_id(),
@@ -98,6 +102,22 @@ def _revision(url: str | None, message: str, *, autogenerate: bool) -> str:
     if isinstance(script, list) or script is None:
         return "no changes: the tables match the migrations; nothing written"
     return f"wrote {script.path}; read it through before committing"
+
+
+def _format_with_ruff(config: Config) -> None:
+    """Have Alembic run ``ruff check --fix`` and ``ruff format`` on the new script."""
+    if importlib.util.find_spec("ruff") is None:
+        return
+    script = "REVISION_SCRIPT_FILENAME"
+    hooks = {
+        "ruff_fix": f"check --fix --exit-zero --quiet {script}",
+        "ruff_format": f"format --quiet {script}",
+    }
+    config.set_section_option("post_write_hooks", "hooks", ", ".join(hooks))
+    for name, options in hooks.items():
+        config.set_section_option("post_write_hooks", f"{name}.type", "module")
+        config.set_section_option("post_write_hooks", f"{name}.module", "ruff")
+        config.set_section_option("post_write_hooks", f"{name}.options", options)
 
 
 def _drop_if_unchanged(

@@ -53,6 +53,11 @@ def create_engine(url: URL, display_url: str) -> Engine:
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
+            except FileExistsError as exc:
+                raise DatabaseError(
+                    f"cannot create directory {str(path.parent)!r} for database "
+                    f"{display_url}: a file of that name is in the way"
+                ) from exc
             except OSError as exc:
                 raise DatabaseError(
                     f"cannot create directory {str(path.parent)!r} for database "

@@ -6,11 +6,18 @@ the device's ``ts`` of the last applied state report and presence; a message is 
 if it is newer, so replays and duplicates change nothing. The check and the write are one
 ``INSERT ... ON CONFLICT DO UPDATE ... WHERE`` statement: hub processes sharing one
 PostgreSQL cannot interleave between them.
+
+A document that cannot be ordered or stored (a ``ts`` or a value that is NaN or infinite,
+which Python's JSON parser accepts but JSON and PostgreSQL's JSONB do not) raises
+:class:`~edgeops.errors.ProtocolError`, so receivers drop and count it like other malformed
+input.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -23,7 +30,7 @@ from sqlmodel import Session, col, select
 from device_agent.protocol import Presence, StateReport, validate_device_id
 from edgeops.db import Database
 from edgeops.db.types import utcnow
-from edgeops.errors import NotFoundError
+from edgeops.errors import NotFoundError, ProtocolError
 from edgeops.fleet.models import Device, DeviceView
 
 log = logging.getLogger(__name__)
@@ -49,11 +56,13 @@ class FleetService:
         Online status and ``last_seen`` are left to presence: a retained state report is
         redelivered while the device may be long gone.
         """
+        reported = report.to_dict()
+        _require_json(reported, f"state report of {report.device_id!r}")
         now = self._clock()
         changes = {
             "agent_version": report.agent_version,
             "hardware": dict(report.hardware),
-            "reported": report.to_dict(),
+            "reported": reported,
             "state_ts": report.ts,
             "updated_at": now,
         }
@@ -79,6 +88,11 @@ class FleetService:
         ``ts`` offline wins over online: a last will stamped with the same time as the
         online message of its session ends that session.
         """
+        if not math.isfinite(presence.ts):
+            raise ProtocolError(
+                f"presence of {presence.device_id!r}: field 'ts' must be a finite number, "
+                f"got {presence.ts!r}"
+            )
         now = self._clock()
         changes = {
             "online": presence.online,
@@ -144,6 +158,14 @@ class FleetService:
                 where=applies(insert.excluded),
             ).returning(col(Device.device_id))
             return session.exec(upsert).first() is not None
+
+
+def _require_json(document: Mapping[str, Any], what: str) -> None:
+    """Refuse what JSON (and so PostgreSQL's JSONB) cannot hold, on every backend alike."""
+    try:
+        json.dumps(document, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"{what} cannot be stored as JSON: {exc}") from exc
 
 
 def _insert(session: Session) -> postgresql.Insert | sqlite.Insert:

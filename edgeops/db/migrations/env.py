@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 
 from edgeops.db import metadata
@@ -23,6 +24,10 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
     """Render our column types as plain SQLAlchemy ones, so scripts never import the app."""
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"
+    if type_ == "type" and isinstance(obj, JSONB):
+        # the default rendering, JSONB(astext_type=Text()), needs an import it does not add
+        autogen_context.imports.add("from sqlalchemy.dialects import postgresql")
+        return "postgresql.JSONB()"
     return False
 
 

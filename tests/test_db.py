@@ -1,0 +1,228 @@
+"""The database layer: migrations, transactions and one-line errors, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import socket
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlmodel import func, select
+
+from edgeops.db import Database, metadata
+from edgeops.db.__main__ import main as db_command
+from edgeops.db._migrations import import_table_modules
+from edgeops.errors import DatabaseError
+from edgeops.fleet import Device
+from tests.fixtures.database import (
+    postgres_admin,
+    postgres_database_exists,
+    postgres_url_for,
+    temporary_postgres_database,
+)
+
+# -- migrations ---------------------------------------------------------------------------
+
+
+def test_upgrade_on_an_empty_database_reaches_head(database_url: str) -> None:
+    db = Database(database_url)
+    try:
+        assert db.current_revision() is None
+        assert db.upgrade() == db.head_revision()
+        assert db.current_revision() == db.head_revision()
+        assert {"alembic_version", "devices"} <= set(sa.inspect(db.engine).get_table_names())
+    finally:
+        db.dispose()
+
+
+def test_upgrade_twice_changes_nothing_and_keeps_data(database: Database) -> None:
+    with database.session() as session:
+        session.add(Device(device_id="d-1", online=True))
+    assert database.upgrade() == database.head_revision()
+    assert database.current_revision() == database.head_revision()
+    with database.session() as session:
+        assert session.exec(select(Device.device_id)).all() == ["d-1"]
+
+
+def test_tables_match_the_migrations(database: Database) -> None:
+    """Autogenerate finds nothing to do: the models and the migration scripts agree."""
+    import_table_modules()
+    with database.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), metadata) == []
+
+
+def test_downgrade_to_base_and_upgrade_again(database: Database, database_url: str) -> None:
+    assert db_command(["--url", database_url, "downgrade", "base"]) == 0
+    assert database.current_revision() is None
+    assert "devices" not in sa.inspect(database.engine).get_table_names()
+    assert db_command(["--url", database_url, "upgrade"]) == 0
+    assert database.current_revision() == database.head_revision()
+
+
+def test_upgrade_refuses_a_revision_it_does_not_know(database: Database) -> None:
+    with database.engine.begin() as connection:
+        connection.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(DatabaseError, match="is at revision '9999', which this version"):
+        database.upgrade()
+
+
+# -- sessions -----------------------------------------------------------------------------
+
+
+def test_session_commits_when_the_block_ends(database: Database) -> None:
+    with database.session() as session:
+        session.add(Device(device_id="d-1"))
+    with database.session() as session:
+        device = session.get(Device, "d-1")
+        assert device is not None
+        assert device.online is False
+
+
+def test_session_rolls_back_everything_on_exception(database: Database) -> None:
+    with pytest.raises(RuntimeError, match="half way"), database.session() as session:
+        session.add(Device(device_id="d-1"))
+        session.flush()  # the first row is sent to the database ...
+        session.add(Device(device_id="d-2"))
+        session.flush()
+        raise RuntimeError("half way")  # ... and must not stay there
+    with database.session() as session:
+        assert session.exec(select(func.count()).select_from(Device)).one() == 0
+
+
+def test_datetimes_come_back_aware_in_utc(database: Database) -> None:
+    seen = datetime(2025, 3, 1, 12, 30, 15, 250_000, tzinfo=timezone(timedelta(hours=2)))
+    with database.session() as session:
+        session.add(Device(device_id="d-1", last_seen=seen))
+    with database.session() as session:
+        device = session.get(Device, "d-1")
+        assert device is not None
+        assert device.last_seen == seen
+        assert device.last_seen is not None and device.last_seen.tzinfo == UTC
+        assert device.created_at.tzinfo == UTC
+
+
+def test_naive_datetimes_are_refused(database: Database) -> None:
+    with (
+        pytest.raises(sa.exc.StatementError, match="has no time zone"),
+        database.session() as session,
+    ):
+        session.add(Device(device_id="d-1", last_seen=datetime(2025, 3, 1)))
+
+
+# -- SQLite -------------------------------------------------------------------------------
+
+
+def test_sqlite_file_in_a_new_directory_with_wal_and_foreign_keys(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "edgeops.db"
+    db = Database(f"sqlite:///{path}")
+    try:
+        db.check()
+        assert path.is_file()
+        with db.engine.connect() as connection:
+            pragmas = {
+                name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "foreign_keys", "busy_timeout")
+            }
+        assert pragmas == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 5000}
+    finally:
+        db.dispose()
+
+
+def test_sqlite_directory_blocked_by_a_file_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("not a directory")
+    with pytest.raises(DatabaseError, match=r"cannot create directory .* a file of that name"):
+        Database(f"sqlite:///{tmp_path / 'data' / 'edgeops.db'}")
+
+
+def test_sqlite_file_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "edgeops.db").write_bytes(b"this is not SQLite " * 64)
+    db = Database(f"sqlite:///{tmp_path / 'edgeops.db'}")
+    with pytest.raises(
+        DatabaseError, match=r"cannot connect to database .*: file is not a database"
+    ):
+        db.check()
+
+
+# -- URLs and connection errors -----------------------------------------------------------
+
+
+def test_plain_postgresql_url_uses_psycopg_3() -> None:
+    db = Database("postgresql://edgeops@db.example:5432/edgeops")
+    assert db.engine.dialect.driver == "psycopg"
+    assert db.backend == "postgresql"
+
+
+@pytest.mark.parametrize("url", ["mysql://u:pw-77x@h/db", "postgresql+psycopg2://u:pw-77x@h/db"])
+def test_unsupported_driver_is_refused_without_the_password(url: str) -> None:
+    with pytest.raises(DatabaseError, match="is not supported") as caught:
+        Database(url)
+    assert "pw-77x" not in str(caught.value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_unreachable_postgresql_is_one_line_with_host_and_port_but_no_password() -> None:
+    port = _closed_port()
+    db = Database(f"postgresql://edgeops:pw-42z@127.0.0.1:{port}/edgeops")
+    with pytest.raises(DatabaseError) as caught:
+        db.check()
+    message = str(caught.value)
+    assert message.startswith("cannot connect to database postgresql://edgeops:***@")
+    assert f"127.0.0.1:{port}" in message
+    assert "refused" in message.lower()
+    assert "pw-42z" not in message
+    assert "\n" not in message
+    assert isinstance(caught.value.__cause__, sa.exc.OperationalError)
+
+
+def test_unreachable_postgresql_fails_upgrade_with_the_same_clarity() -> None:
+    port = _closed_port()
+    db = Database(f"postgresql://edgeops:pw-42z@127.0.0.1:{port}/edgeops")
+    with pytest.raises(
+        DatabaseError, match=rf"cannot migrate .*127\.0\.0\.1:{port}.*refused"
+    ) as caught:
+        db.upgrade()
+    assert "pw-42z" not in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.postgres
+def test_missing_postgresql_database_is_named(postgres_server: str) -> None:
+    db = Database(postgres_url_for("edgeops_no_such_database"))
+    with pytest.raises(DatabaseError) as caught:
+        db.check()
+    message = str(caught.value)
+    assert message.endswith('database "edgeops_no_such_database" does not exist'), message
+    assert "\n" not in message
+
+
+# -- the test fixtures themselves ---------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_per_test_postgresql_database_is_dropped_even_if_the_test_fails() -> None:
+    names: list[str] = []
+    databases: list[Database] = []
+    try:
+        with (
+            pytest.raises(RuntimeError, match="test body failed"),
+            temporary_postgres_database() as url,
+        ):
+            name = sa.make_url(url).database
+            assert name is not None
+            names.append(name)
+            databases.append(Database(url))
+            databases[0].upgrade()  # a pooled connection stays open: DROP ... WITH (FORCE)
+            raise RuntimeError("test body failed")
+    finally:
+        for db in databases:
+            db.dispose()
+    with postgres_admin() as admin:
+        assert not postgres_database_exists(admin, names[0])
