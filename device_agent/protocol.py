@@ -26,9 +26,9 @@ cmd                     hub -> device   no        1    commands
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -241,12 +241,17 @@ def encode(document: Document) -> bytes:
     return json.dumps(document.to_dict(), separators=(",", ":"), sort_keys=True).encode()
 
 
+def _refuse_constant(name: str) -> Any:
+    # Python's parser accepts NaN and Infinity; JSON (and PostgreSQL's JSONB) does not
+    raise ProtocolError(f"payload is not valid JSON: {name} is not a number")
+
+
 def decode_object(payload: bytes) -> dict[str, Any]:
     """Parse a payload into a JSON object of this schema version, or raise ProtocolError."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
-        data = json.loads(payload)
+        data = json.loads(payload, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"payload is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(data, dict):

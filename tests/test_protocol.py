@@ -72,12 +72,16 @@ def test_presence_round_trips() -> None:
         (b"[1, 2]", "must be a JSON object"),
         (b'{"schema": 2, "type": "presence"}', "schema is 2"),
         (b'{"schema": 1, "type": "state"}', "type 'state', expected 'presence'"),
-        (b'{"schema": 1, "type": "presence", "online": true, "ts": 1}', "missing field 'device_id'"),
+        (
+            b'{"schema": 1, "type": "presence", "online": true, "ts": 1}',
+            "missing field 'device_id'",
+        ),
         (
             b'{"schema": 1, "type": "presence", "device_id": "d", "online": "yes", "ts": 1}',
             "'online' must be bool",
         ),
         (b"x" * 300_000, "exceeds"),
+        (b'{"schema": 1, "type": "presence", "device_id": "d", "online": true, "ts": NaN}', "NaN"),
     ],
 )
 def test_malformed_payloads_raise_protocol_error_naming_the_problem(

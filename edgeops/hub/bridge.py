@@ -15,7 +15,7 @@ from device_agent.dispatch import Dispatcher
 from device_agent.errors import LinkError
 from device_agent.link import Connected, Disconnected, MqttEndpoint, MqttLink, TlsFiles
 from device_agent.protocol import QOS, Channel, Document, Presence, StateReport, subscription
-from edgeops.errors import BrokerError
+from edgeops.errors import BrokerError, DatabaseError
 from edgeops.fleet import FleetService
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class HubBridge:
         self.fleet = fleet
         self.link = MqttLink(endpoint, client_id=client_id, tls=tls)
         self.dispatcher = Dispatcher()
+        self.store_errors = 0
         self.dispatcher.on(Channel.STATE, self._on_state)
         self.dispatcher.on(Channel.PRESENCE, self._on_presence)
         for channel in (Channel.STATE, Channel.PRESENCE):
@@ -61,7 +62,13 @@ class HubBridge:
             elif isinstance(event, Disconnected):
                 log.warning("hub disconnected from broker (%s); reconnecting", event.reason)
             else:
-                self.dispatcher.dispatch(event)
+                try:
+                    self.dispatcher.dispatch(event)
+                except DatabaseError as exc:
+                    # the database is down: this delivery is lost; agents re-publish their
+                    # state every heartbeat, and retained messages come again on reconnect
+                    self.store_errors += 1
+                    log.error("could not record message on %s: %s", event.topic, exc)
 
     def run(self, stop: threading.Event) -> None:
         """Pump until ``stop`` is set (for a background thread)."""
