@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -30,6 +30,9 @@ from device_agent.link import MqttEndpoint
 from edgeops.config import Settings
 from edgeops.errors import EdgeOpsError
 from edgeops.fleet import DeviceView, FleetService
+
+if TYPE_CHECKING:
+    from edgeops.hub.bridge import HubBridge
 
 STOP_GRACE_S = 10.0
 
@@ -112,7 +115,10 @@ def run_demo(
     from edgeops.db import Database
     from edgeops.hub.bridge import HubBridge
 
-    say = (lambda *a: None) if as_json else console.print
+    def say(*objects: Any) -> None:
+        if not as_json:
+            console.print(*objects)
+
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     device_ids = [f"demo-{i:03d}" for i in range(1, devices + 1)]
     started = time.time()
@@ -133,8 +139,12 @@ def run_demo(
             url = broker.url
             say(f"broker: embedded, {url}")
 
-        bridge = HubBridge(MqttEndpoint.parse(url), fleet, client_id=settings.mqtt_client_id,
-                           tls=settings.tls_files)
+        bridge = HubBridge(
+            MqttEndpoint.parse(url),
+            fleet,
+            client_id=settings.mqtt_client_id,
+            tls=settings.tls_files,
+        )
         bridge.start()
         stack.callback(bridge.stop)
         say(f"hub: database {settings.data_dir / 'edgeops.db'}, bridge connected")
@@ -164,13 +174,15 @@ def run_demo(
             return 0
 
         _stop_agents(agents)
-        offline = _wait_for(
-            bridge, fleet, [], device_ids, started, STOP_GRACE_S, want_online=False
-        )
+        offline = _wait_for(bridge, fleet, [], device_ids, started, STOP_GRACE_S, want_online=False)
         if as_json:
             sys.stdout.write(
-                _json({"online": [d.to_dict() for d in online],
-                       "stopped": [d.device_id for d in offline]})
+                _json(
+                    {
+                        "online": [d.to_dict() for d in online],
+                        "stopped": [d.device_id for d in offline],
+                    }
+                )
             )
         say(f"agents stopped; the hub recorded {len(offline)} of {devices} offline")
     return 0
@@ -191,7 +203,7 @@ def _stop_agents(agents: list[AgentProcess]) -> None:
 
 
 def _wait_for(
-    bridge: Any,
+    bridge: HubBridge,
     fleet: FleetService,
     agents: list[AgentProcess],
     device_ids: list[str],
@@ -200,7 +212,8 @@ def _wait_for(
     *,
     want_online: bool,
 ) -> list[DeviceView]:
-    """Pump the bridge until every device's presence since ``since`` is ``want_online``."""
+    """Pump the bridge until every device's presence since ``since`` is ``want_online``
+    (and, for online, its state report has been recorded)."""
     wanted = set(device_ids)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -209,6 +222,7 @@ def _wait_for(
             d for d in fleet.list_devices()
             if d.device_id in wanted and d.online == want_online
             and (d.presence_ts or 0) >= since
+            and (d.agent_version is not None or not want_online)
         ]  # fmt: skip
         if len(matching) == len(wanted):
             return matching
@@ -227,7 +241,7 @@ def _wait_for(
             )
 
 
-def _watch(bridge: Any, fleet: FleetService, device_ids: list[str], console: Console) -> None:
+def _watch(bridge: HubBridge, fleet: FleetService, device_ids: list[str], console: Console) -> None:
     wanted = set(device_ids)
     console.print("watching presence; Ctrl-C stops the demo")
     with Live(console=console, refresh_per_second=2) as live:

@@ -42,8 +42,9 @@ def _pump_until(bridge: HubBridge, predicate: Any, timeout: float = 20) -> None:
 
 def test_state_and_presence_are_recorded(bridge: HubBridge, device: MqttLink) -> None:
     fleet = bridge.fleet
-    device.publish(device_topic("d-1", Channel.PRESENCE), encode(Presence("d-1", True)),
-                   retain=True, wait_s=5)
+    device.publish(
+        device_topic("d-1", Channel.PRESENCE), encode(Presence("d-1", True)), retain=True, wait_s=5
+    )
     report = StateReport("d-1", "0.1.0", hardware={"arch": "aarch64"})
     device.publish(device_topic("d-1", Channel.STATE), encode(report), retain=True, wait_s=5)
     _pump_until(bridge, lambda: fleet.list_devices() and fleet.get_device("d-1").agent_version)

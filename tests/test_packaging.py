@@ -29,8 +29,9 @@ def agent_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     venv.create(root, with_pip=True)
     python = root / "bin" / "python"
     # build from a copy-free source: pip builds the wheel in its own temp dir
-    result = _run(str(python), "-m", "pip", "install", "--quiet", "--progress-bar", "off",
-                  f"{ROOT}[agent]")
+    result = _run(
+        str(python), "-m", "pip", "install", "--quiet", "--progress-bar", "off", f"{ROOT}[agent]"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     yield python
 
@@ -100,4 +101,3 @@ def test_firmware_templates_ship_as_package_data(agent_venv: Path) -> None:
     probe = "import firmware_templates as f; print((f.template_root() / 'README.md').is_file())"
     result = _run(str(agent_venv), "-c", probe)
     assert result.stdout.strip() == "True", result.stderr
-

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+from types import FrameType
 
 from edgeops.config import Settings
 from edgeops.errors import ConfigError, EdgeOpsError
@@ -40,7 +42,15 @@ def serve(settings: Settings, host: str, port: int) -> None:
             create_app(fleet), host=host, port=port, log_level=settings.log_level.lower()
         )
         server = uvicorn.Server(config)
-        server.run()
+        # uvicorn re-raises the signal that stopped it once it has shut down; a stop by
+        # SIGINT/SIGTERM is the normal end of a service, so it lands in a handler that only
+        # logs, and the hub exits 0 after cleaning up.
+        previous = {sig: signal.signal(sig, _stopping) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            server.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if not server.started:
             raise EdgeOpsError(f"the API could not listen on {host}:{port} (address in use?)")
     finally:
@@ -48,3 +58,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
         pump.join(timeout=5)
         bridge.stop()
         database.dispose()
+
+
+def _stopping(signum: int, frame: FrameType | None) -> None:
+    log.info("hub stopping on %s", signal.Signals(signum).name)
