@@ -65,8 +65,13 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mqtt-url", help="mqtt://user:pass@host:port or mqtts://...")
     parser.add_argument("--data-dir", type=Path, help="root data dir (default ~/.edgeops)")
     parser.add_argument("--tags", type=_tags, metavar="K=V,...", help="hardware tags to report")
-    parser.add_argument("--heartbeat", type=float, metavar="SECONDS", dest="heartbeat_s",
-                        help="state re-publish interval")
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        metavar="SECONDS",
+        dest="heartbeat_s",
+        help="state re-publish interval",
+    )
 
 
 def load(args: argparse.Namespace) -> AgentSettings:

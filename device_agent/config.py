@@ -33,8 +33,17 @@ DEFAULT_DATA_DIR = Path("~/.edgeops")
 # Values people leave in examples; refused as secrets unless dev mode is on.
 PLACEHOLDER_SECRETS = frozenset(
     {
-        "changeme", "change-me", "change_me", "changethis", "secret", "password", "admin",
-     "example", "default", "edgeops"}
+        "changeme",
+        "change-me",
+        "change_me",
+        "changethis",
+        "secret",
+        "password",
+        "admin",
+        "example",
+        "default",
+        "edgeops",
+    }
 )
 
 _FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("edgeops_file_values", default={})  # noqa: B039

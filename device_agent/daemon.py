@@ -172,4 +172,3 @@ class AgentDaemon:
         self.link.stop()
         self._write_health("stopped")
         log.info("agent %s stopped", self.device_id)
-

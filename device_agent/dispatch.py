@@ -52,7 +52,8 @@ class Dispatcher:
                 declared = getattr(document, "device_id", device_id)
                 if declared != device_id:
                     raise ProtocolError(
-                        f"payload names device {declared!r} but was published on {device_id!r}'s topic"
+                        f"payload names device {declared!r} "
+                        f"but was published on {device_id!r}'s topic"
                     )
                 self._documents[channel](device_id, document)
             elif channel in self._raw:
@@ -66,6 +67,10 @@ class Dispatcher:
 
     def _drop(self, kind: str, message: Message, exc: ProtocolError) -> bool:
         self.dropped[kind] += 1
-        log.warning("dropped malformed message on %s: %s", message.topic, exc,
-                    extra={"dropped_total": sum(self.dropped.values())})
+        log.warning(
+            "dropped malformed message on %s: %s",
+            message.topic,
+            exc,
+            extra={"dropped_total": sum(self.dropped.values())},
+        )
         return False

@@ -1,9 +1,9 @@
 """Errors raised by the device agent package.
 
-    AgentError
-    ├── ConfigError        the configuration file or environment is malformed or incomplete
-    ├── ProtocolError      a payload or topic from the network does not follow the wire protocol
-    └── LinkError          the MQTT connection could not be made or was lost for good
+AgentError
+├── ConfigError        the configuration file or environment is malformed or incomplete
+├── ProtocolError      a payload or topic from the network does not follow the wire protocol
+└── LinkError          the MQTT connection could not be made or was lost for good
 """
 
 from __future__ import annotations

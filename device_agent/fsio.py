@@ -33,4 +33,6 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 def atomic_write_json(path: Path, document: Any, *, mode: int = 0o644) -> None:
     """Write ``document`` as indented JSON, atomically."""
-    atomic_write_bytes(path, json.dumps(document, indent=2, sort_keys=True).encode() + b"\n", mode=mode)
+    atomic_write_bytes(
+        path, json.dumps(document, indent=2, sort_keys=True).encode() + b"\n", mode=mode
+    )

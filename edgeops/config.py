@@ -28,7 +28,9 @@ class Settings(FileBackedSettings):
 
     model_config = SettingsConfigDict(env_prefix="EDGEOPS_", extra="forbid")
 
-    data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="root of everything EdgeOps writes")
+    data_dir: Path = Field(
+        default=DEFAULT_DATA_DIR, description="root of everything EdgeOps writes"
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL; default sqlite:///<data_dir>/edgeops.db. "

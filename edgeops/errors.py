@@ -1,10 +1,10 @@
 """Errors the hub raises on purpose. The CLI prints their message as one line.
 
-    EdgeOpsError
-    ├── ConfigError         (device_agent.errors) malformed or unsafe configuration
-    ├── DatabaseError       the database is unreachable, or a migration failed
-    ├── BrokerError         the embedded broker could not start, or the MQTT broker is unreachable
-    └── NotFoundError       a named object (device, model, release ...) does not exist
+EdgeOpsError
+├── ConfigError         (device_agent.errors) malformed or unsafe configuration
+├── DatabaseError       the database is unreachable, or a migration failed
+├── BrokerError         the embedded broker could not start, or the MQTT broker is unreachable
+└── NotFoundError       a named object (device, model, release ...) does not exist
 """
 
 from __future__ import annotations

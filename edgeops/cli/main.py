@@ -64,13 +64,20 @@ def print_json(document: Any) -> None:
 def _global(
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="TOML settings file (default: EDGEOPS_CONFIG, "
-                     "then <data dir>/edgeops.toml)", dir_okay=False),
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML settings file (default: EDGEOPS_CONFIG, then <data dir>/edgeops.toml)",
+            dir_okay=False,
+        ),
     ] = None,
     data_dir: Annotated[
         Path | None,
-        typer.Option("--data-dir", help="where EdgeOps keeps everything (EDGEOPS_DATA_DIR, "
-                     "default ~/.edgeops)", file_okay=False),
+        typer.Option(
+            "--data-dir",
+            help="where EdgeOps keeps everything (EDGEOPS_DATA_DIR, default ~/.edgeops)",
+            file_okay=False,
+        ),
     ] = None,
 ) -> None:
     _state.config_file = config
@@ -147,8 +154,10 @@ def demo(
     devices: Annotated[int, typer.Option(help="number of simulated devices", min=1, max=50)] = 3,
     headless: Annotated[
         bool,
-        typer.Option(help="end once every device is online (EDGEOPS_DEMO_HEADLESS=1)",
-                     envvar="EDGEOPS_DEMO_HEADLESS"),
+        typer.Option(
+            help="end once every device is online (EDGEOPS_DEMO_HEADLESS=1)",
+            envvar="EDGEOPS_DEMO_HEADLESS",
+        ),
     ] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the devices")] = 60.0,
     as_json: JsonOption = False,
@@ -162,8 +171,16 @@ def demo(
     from edgeops.demo import run_demo
 
     current = settings(dev_mode=True)
-    raise typer.Exit(run_demo(current, devices=devices, headless=headless, timeout_s=timeout,
-                              as_json=as_json, console=out))
+    raise typer.Exit(
+        run_demo(
+            current,
+            devices=devices,
+            headless=headless,
+            timeout_s=timeout,
+            as_json=as_json,
+            console=out,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
