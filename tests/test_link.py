@@ -1,0 +1,423 @@
+"""The MQTT link, against a real private Mosquitto running the configuration EdgeOps ships."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from device_agent.errors import ConfigError, LinkError
+from device_agent.link import (
+    Backoff,
+    Connected,
+    Disconnected,
+    LinkEvent,
+    MqttEndpoint,
+    MqttLink,
+    TlsFiles,
+    Will,
+)
+from device_agent.protocol import Channel, Presence, StateReport, decode, device_topic, encode
+from edgeops.broker import MosquittoProcess, TlsListener, free_port, render_config
+from edgeops.broker.mosquitto import SHIPPED_CONFIG
+from edgeops.errors import BrokerError
+from tests.fixtures.mqtt import PROBE, messages, next_message, wait_subscribed
+
+FAST = Backoff(initial_s=0.1, maximum_s=1.0)
+
+
+@pytest.fixture
+def links() -> Iterator[list[MqttLink]]:
+    """Links a test creates; each is stopped at the end."""
+    created: list[MqttLink] = []
+    yield created
+    for link in created:
+        link.stop()
+
+
+def connect(
+    links: list[MqttLink],
+    url: str,
+    client_id: str,
+    *subscriptions: str,
+    will: Will | None = None,
+    tls: TlsFiles | None = None,
+) -> MqttLink:
+    """A started link (fast backoff) with ``subscriptions`` declared before it connects."""
+    link = MqttLink(MqttEndpoint.parse(url), client_id, will=will, tls=tls, backoff=FAST)
+    links.append(link)
+    for topic_filter in subscriptions:
+        link.subscribe(topic_filter)
+    link.start(wait_s=10)
+    return link
+
+
+def next_event(link: MqttLink, kind: type[LinkEvent], timeout_s: float = 10.0) -> LinkEvent:
+    event = link.get(timeout_s)
+    while event is not None and not isinstance(event, kind):
+        event = link.get(timeout_s)
+    assert isinstance(event, kind), f"no {kind.__name__} event within {timeout_s} s"
+    return event
+
+
+def presence(device_id: str, online: bool) -> bytes:
+    return encode(Presence(device_id=device_id, online=online))
+
+
+def decode_presence(payload: bytes) -> Presence:
+    document = decode(Channel.PRESENCE, payload)
+    assert isinstance(document, Presence)
+    return document
+
+
+# -- connecting and subscribing ---------------------------------------------------------------
+
+
+def test_declared_subscriptions_are_issued_on_connect(
+    mosquitto_url: str, links: list[MqttLink]
+) -> None:
+    hub = connect(links, mosquitto_url, "hub", "edgeops/v1/dev/+/state")
+    connected = next_event(hub, Connected)
+    assert connected == Connected(session_present=False)
+    wait_subscribed(hub, "edgeops/v1/dev/probe/state")
+
+    device = connect(links, mosquitto_url, "dev-1")
+    device.publish(device_topic("dev-1", Channel.STATE), b"{}", wait_s=5)
+
+    message = next_message(hub, device_topic("dev-1", Channel.STATE))
+    assert message is not None
+    assert (message.payload, message.qos, message.retain) == (b"{}", 1, False)
+
+
+def test_subscription_declared_while_connected_is_issued_at_once(
+    mosquitto_url: str, links: list[MqttLink]
+) -> None:
+    hub = connect(links, mosquitto_url, "hub")
+    hub.subscribe("late/topic")
+    wait_subscribed(hub, "late/topic")
+
+
+def test_subscriptions_survive_a_broker_restart(
+    mosquitto: MosquittoProcess, links: list[MqttLink]
+) -> None:
+    hub = connect(links, mosquitto.url, "hub", "edgeops/v1/dev/+/events")
+    device = connect(links, mosquitto.url, "dev-1")
+    topic = device_topic("dev-1", Channel.EVENTS)
+    wait_subscribed(hub, topic)
+
+    mosquitto.restart()  # same port, same data directory
+
+    # both links notice, and reconnect by themselves with backoff
+    next_event(hub, Disconnected)
+    assert next_event(hub, Connected, timeout_s=30) == Connected(session_present=False)
+    assert device.wait_connected(30)
+    wait_subscribed(hub, topic)  # re-issued in on_connect, nobody called subscribe() again
+    device.publish(topic, b"after-restart", wait_s=5)
+    assert [m.payload for m in messages(hub, topic, 2.0) if m.payload != PROBE] == [
+        b"after-restart"
+    ]
+    assert (hub.stats.connects, hub.stats.disconnects) == (2, 1)
+
+
+# -- last will and retained messages ----------------------------------------------------------
+
+
+def test_last_will_marks_a_vanished_device_offline_and_is_retained(
+    mosquitto_url: str, links: list[MqttLink]
+) -> None:
+    topic = device_topic("dev-1", Channel.PRESENCE)
+    hub = connect(links, mosquitto_url, "hub", topic)
+    will = Will(topic, presence("dev-1", online=False))
+    device = connect(links, mosquitto_url, "dev-1", will=will)
+    device.publish(topic, presence("dev-1", online=True), retain=True, wait_s=5)
+    online = next_message(hub, topic)
+    assert online is not None and decode_presence(online.payload).online
+
+    device.abort()  # the TCP connection drops without DISCONNECT, as in a power cut
+
+    offline = next_message(hub, topic)
+    assert offline is not None and offline.payload == will.payload
+    assert decode_presence(offline.payload).online is False
+    late = connect(links, mosquitto_url, "late", topic)
+    retained = next_message(late, topic)
+    assert retained is not None
+    assert (retained.payload, retained.retain) == (will.payload, True)
+
+
+def test_last_will_is_not_published_on_a_clean_stop(
+    mosquitto_url: str, links: list[MqttLink]
+) -> None:
+    topic = device_topic("dev-1", Channel.PRESENCE)
+    hub = connect(links, mosquitto_url, "hub", topic)
+    device = connect(links, mosquitto_url, "dev-1", will=Will(topic, presence("dev-1", False)))
+    online = presence("dev-1", online=True)
+    device.publish(topic, online, retain=True, wait_s=5)
+    assert next_message(hub, topic) is not None
+
+    device.stop()  # DISCONNECT first: the broker discards the will
+
+    assert messages(hub, topic, within_s=2.0) == []
+    late = connect(links, mosquitto_url, "late", topic)
+    retained = next_message(late, topic)
+    assert retained is not None
+    assert (retained.payload, retained.retain) == (online, True)
+
+
+def test_retained_state_reaches_a_late_subscriber(
+    mosquitto_url: str, links: list[MqttLink]
+) -> None:
+    state = encode(StateReport(device_id="dev-1", agent_version="0.1.0"))
+    device = connect(links, mosquitto_url, "dev-1")
+    assert device.publish(device_topic("dev-1", Channel.STATE), state, retain=True, wait_s=5)
+
+    late = connect(links, mosquitto_url, "hub", "edgeops/v1/dev/+/state")
+
+    message = next_message(late, device_topic("dev-1", Channel.STATE))
+    assert message is not None
+    assert (message.payload, message.retain) == (state, True)
+
+
+# -- throughput: nothing is dropped -----------------------------------------------------------
+
+
+def test_every_qos1_message_of_a_burst_arrives_with_the_shipped_config(
+    mosquitto_url: str, links: list[MqttLink]
+) -> None:
+    count = 5000
+    hub = connect(links, mosquitto_url, "hub", "edgeops/v1/dev/+/telemetry")
+    topic = device_topic("dev-1", Channel.TELEMETRY)
+    wait_subscribed(hub, topic)
+    device = connect(links, mosquitto_url, "dev-1")
+
+    for seq in range(count):
+        device.publish(topic, b"%d" % seq)
+
+    received: set[int] = set()
+    while len(received) < count:
+        message = next_message(hub, topic, timeout_s=60)
+        assert message is not None, f"only {len(received)} of {count} messages arrived"
+        if message.payload != PROBE:
+            received.add(int(message.payload))
+    assert received == set(range(count))
+    assert hub.stats.disconnects == 0 and device.stats.disconnects == 0
+
+
+# -- failures name their cause ----------------------------------------------------------------
+
+
+def test_unreachable_broker_is_a_link_error_naming_the_broker() -> None:
+    port = free_port()  # nothing listens there
+    link = MqttLink(MqttEndpoint.parse(f"mqtt://127.0.0.1:{port}"), "dev-1", backoff=FAST)
+
+    with pytest.raises(LinkError) as caught:
+        link.start(wait_s=1.0)
+
+    assert str(caught.value) == (
+        f"cannot connect to MQTT broker mqtt://127.0.0.1:{port}: "
+        "connection refused (is the broker running?)"
+    )
+
+
+@pytest.mark.parametrize("url", ["http://broker:1883", "broker:1883", "ws://broker"])
+def test_a_url_with_a_wrong_scheme_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError, match="scheme must be mqtt:// or mqtts://"):
+        MqttEndpoint.parse(url)
+
+
+# -- reconnect backoff ------------------------------------------------------------------------
+
+
+def test_backoff_grows_by_its_factor_until_the_cap() -> None:
+    backoff = Backoff(initial_s=0.5, maximum_s=30.0, factor=2.0, jitter=0.0)
+    delays = [backoff.delay(attempt, random.Random(0)) for attempt in range(10)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0]
+    assert backoff.delay(10_000, random.Random(0)) == 30.0  # no overflow for huge attempts
+
+
+def test_backoff_jitter_spreads_delays_below_the_nominal_value() -> None:
+    backoff = Backoff(initial_s=1.0, maximum_s=30.0, factor=2.0, jitter=0.5)
+    rng = random.Random(42)
+    delays = [backoff.delay(3, rng) for _ in range(200)]
+    assert all(4.0 <= delay <= 8.0 for delay in delays)  # [(1 - jitter) * 8, 8]
+    assert len(set(delays)) == len(delays)  # a fleet does not reconnect in lock-step
+    assert max(delays) - min(delays) > 3.0
+    again = random.Random(42)
+    assert [backoff.delay(3, again) for _ in range(200)] == delays  # seeded: reproducible
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    other_ca_file: Path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost, and an unrelated CA."""
+    ca_key, ca_cert = _certificate_authority("EdgeOps test CA")
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _, other_ca = _certificate_authority("Somebody else's CA")
+    pki = Pki(
+        ca_file=tmp_path / "ca.pem",
+        cert_file=tmp_path / "server.pem",
+        key_file=tmp_path / "server.key",
+        other_ca_file=tmp_path / "other-ca.pem",
+    )
+    pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    pki.other_ca_file.write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
+    pki.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    pki.key_file.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pki
+
+
+@pytest.fixture
+def tls_mosquitto(tmp_path: Path, pki: Pki) -> Iterator[MosquittoProcess]:
+    broker = MosquittoProcess(
+        tmp_path / "mosquitto-tls", tls=TlsListener(pki.cert_file, pki.key_file)
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.mark.mosquitto
+def test_tls_connection_verified_with_the_ca_file(
+    tls_mosquitto: MosquittoProcess, pki: Pki, links: list[MqttLink]
+) -> None:
+    assert tls_mosquitto.tls_url.startswith("mqtts://127.0.0.1:")
+    link = connect(links, tls_mosquitto.tls_url, "dev-1", "tls/echo", tls=TlsFiles(pki.ca_file))
+    assert link.endpoint.tls
+    wait_subscribed(link, "tls/echo")  # a full round trip over TLS
+
+
+@pytest.mark.mosquitto
+def test_tls_with_a_ca_that_did_not_sign_the_broker_is_a_clear_link_error(
+    tls_mosquitto: MosquittoProcess, pki: Pki
+) -> None:
+    link = MqttLink(
+        MqttEndpoint.parse(tls_mosquitto.tls_url),
+        "dev-1",
+        tls=TlsFiles(pki.other_ca_file),
+        backoff=FAST,
+    )
+
+    with pytest.raises(LinkError) as caught:
+        link.start(wait_s=2.0)
+
+    message = str(caught.value)
+    assert message.startswith(f"cannot connect to MQTT broker {tls_mosquitto.tls_url}: ")
+    assert message.endswith(
+        f"TLS certificate of the broker not accepted with CA file {pki.other_ca_file}: "
+        "unable to get local issuer certificate"
+    )
+
+
+def _certificate_authority(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+# -- the private broker these tests run on ----------------------------------------------------
+
+
+def test_private_broker_config_is_the_shipped_one_but_for_address_and_data_dir(
+    tmp_path: Path,
+) -> None:
+    shipped = SHIPPED_CONFIG.read_text().splitlines()
+    rendered = render_config(41883, tmp_path).splitlines()
+
+    assert "listener 41883 127.0.0.1" in rendered
+    assert f"persistence_location {tmp_path.resolve()}/" in rendered
+    changed = {"listener", "persistence_location"}
+    kept = [line for line in shipped if line and line.split(" ", 1)[0] not in changed]
+    assert [line for line in rendered if line in kept] == kept  # every tuned line, in order
+    for tuned in ("set_tcp_nodelay true", "max_queued_messages 100000", "max_queued_bytes 0"):
+        assert tuned in rendered
+    assert not any(line.startswith("pid_file") for line in rendered)
+
+
+def test_missing_mosquitto_binary_is_a_clear_broker_error(tmp_path: Path) -> None:
+    broker = MosquittoProcess(tmp_path, binary=tmp_path / "no-such-mosquitto")
+    with pytest.raises(BrokerError, match="no-such-mosquitto does not exist or is not executable"):
+        broker.start()
+
+
+def test_broker_that_cannot_listen_fails_with_the_tail_of_its_log(
+    mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    second = MosquittoProcess(tmp_path / "second", port=mosquitto.port)
+    with pytest.raises(BrokerError) as caught:
+        second.start()
+    message = str(caught.value)
+    assert message.startswith(f"Mosquitto failed to start on 127.0.0.1:{mosquitto.port}")
+    assert "Error: Address already in use" in message
