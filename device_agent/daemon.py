@@ -68,15 +68,26 @@ class AgentDaemon:
         self.desired: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._state_published_at: float | None = None
-        offline = Presence(self.device_id, online=False)
+        self._connection_ts = 0.0
         self.link = MqttLink(
             settings.endpoint,
             client_id=self.device_id,
             tls=settings.tls_files,
-            will=Will(device_topic(self.device_id, Channel.PRESENCE), encode(offline)),
+            will=self._next_will,
         )
         self.link.subscribe(device_topic(self.device_id, Channel.DESIRED), QOS)
         self.dispatcher.on_raw(Channel.DESIRED, self._on_desired)
+
+    def _next_will(self) -> Will:
+        """The will for the connection about to be made, stamped with its start time.
+
+        The online presence of that connection carries the same ``ts``; the hub lets an
+        offline presence win a tie, so this will ends exactly this connection, while a will
+        of an older connection that arrives late (older ``ts``) changes nothing.
+        """
+        self._connection_ts = round(time.time(), 3)
+        offline = Presence(self.device_id, online=False, ts=self._connection_ts)
+        return Will(device_topic(self.device_id, Channel.PRESENCE), encode(offline))
 
     @property
     def health_file(self) -> Path:
@@ -107,7 +118,8 @@ class AgentDaemon:
     def _handle(self, event: Message | Connected | Disconnected) -> None:
         if isinstance(event, Connected):
             log.info("connected to %s", self.link.endpoint.url)
-            self._publish(Channel.PRESENCE, encode(Presence(self.device_id, online=True)))
+            online = Presence(self.device_id, online=True, ts=self._connection_ts)
+            self._publish(Channel.PRESENCE, encode(online))
             self._publish_state()
             self._write_health("connected")
         elif isinstance(event, Disconnected):

@@ -23,6 +23,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ class MqttLink:
         client_id: str,
         *,
         tls: TlsFiles | None = None,
-        will: Will | None = None,
+        will: Will | Callable[[], Will] | None = None,
         keepalive_s: int = 30,
         backoff: Backoff | None = None,
         clean_session: bool = True,
@@ -218,8 +219,9 @@ class MqttLink:
                 )
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"TLS files for {endpoint.url} cannot be loaded: {exc}") from exc
-        if will is not None:
-            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        # A callable will is asked for a fresh one before every connection attempt, so the
+        # will can name the connection it belongs to (the agent stamps it with the time).
+        self._will = will
         client.on_socket_open = _send_small_packets_at_once
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -328,6 +330,7 @@ class MqttLink:
         first = True
         while not self._stopping.is_set():
             self._session_ended.clear()
+            self._arm_will()
             try:
                 if first:
                     self._client.connect(
@@ -360,6 +363,11 @@ class MqttLink:
             delay = self._backoff.delay(attempt, self._rng)
             attempt += 1
             self._stopping.wait(delay)
+
+    def _arm_will(self) -> None:
+        will = self._will() if callable(self._will) else self._will
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     # -- paho callbacks: only record and enqueue -------------------------------------------
 

@@ -65,3 +65,39 @@ def test_malformed_and_spoofed_payloads_are_counted_and_dropped(
     _pump_until(bridge, lambda: bool(bridge.fleet.list_devices()))
     assert [d.device_id for d in bridge.fleet.list_devices()] == ["d-2"]
     assert bridge.dispatcher.dropped == {"state": 2, "presence": 1}
+
+
+def test_killed_agent_is_recorded_offline_through_its_will(
+    bridge: HubBridge, mosquitto_url: str, isolated_environment: Any
+) -> None:
+    """The will carries its connection's start time, the same ts as that connection's
+    online presence; the hub's ordering lets it win, so a dead device goes offline."""
+    import subprocess
+
+    from tests.clitools import BIN
+
+    agent = subprocess.Popen(
+        [str(BIN / "edgeops-agent"), "run", "--device-id", "doomed-1", "--mqtt-url",
+         mosquitto_url, "--data-dir", str(isolated_environment)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    fleet = bridge.fleet
+    try:
+        _pump_until(bridge, lambda: any(d.online for d in fleet.list_devices()))
+        online_ts = fleet.get_device("doomed-1").presence_ts
+    finally:
+        agent.kill()
+        agent.wait(timeout=10)
+    _pump_until(bridge, lambda: not fleet.get_device("doomed-1").online, timeout=60)
+    assert fleet.get_device("doomed-1").presence_ts == online_ts
+
+
+def test_a_late_will_of_an_older_connection_does_not_end_a_newer_one(
+    bridge: HubBridge, device: MqttLink
+) -> None:
+    topic = device_topic("d-3", Channel.PRESENCE)
+    device.publish(topic, encode(Presence("d-3", True, ts=200.0)), wait_s=5)
+    device.publish(topic, encode(Presence("d-3", False, ts=100.0)), wait_s=5)
+    device.publish(device_topic("d-4", Channel.PRESENCE), encode(Presence("d-4", True)), wait_s=5)
+    _pump_until(bridge, lambda: len(bridge.fleet.list_devices()) == 2)
+    assert bridge.fleet.get_device("d-3").online
