@@ -40,7 +40,7 @@ pytest: install services
 test: install services lint typecheck pytest  ## everything CI runs; ends with pytest's summary
 
 bench: install services  ## benchmarks; results in bench/results/
-	$(BIN)/python bench/mqtt_qos1.py
+	$(BIN)/python bench/mqtt_qos1.py --ablation
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* build *.egg-info
