@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +105,11 @@ def test_agent_bad_configuration_is_one_line(tmp_path: Path) -> None:
     result = run_cli("edgeops-agent", "run", "--config", str(config))
     assert result.returncode == 2
     assert_one_line_error(result, "edgeops-agent: error:", "heartbeat_s")
+
+
+def test_embedded_broker_on_a_taken_port_is_one_line(mosquitto: Any) -> None:
+    result = run_cli("edgeops", "broker", "--port", str(mosquitto.port), timeout=60)
+    assert result.returncode == 1
+    assert_one_line_error(
+        result, "cannot listen on", f":{mosquitto.port}", "address already in use"
+    )
