@@ -41,9 +41,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any
 
+from edgeops.broker._child import _BrokerChild
 from edgeops.broker.mosquitto import free_port
 from edgeops.errors import BrokerError
 
@@ -57,7 +57,6 @@ EXIT_ADDRESS_IN_USE = 3
 
 _STOP_POLL_S = 0.1
 _START_ATTEMPTS = 3  # a port picked by free_port() can be taken before the child binds it
-_NORMAL_EXIT_CODES = (0, -signal.SIGTERM, -signal.SIGINT, 130)  # 130: stopped by Ctrl-C
 _OVERRIDDEN = (
     "_initialize_client_session",
     "_publish_retained_messages_for_subscription",
@@ -230,12 +229,14 @@ def _broker_class() -> type[Any]:
     return EdgeOpsBroker
 
 
-class EmbeddedBrokerProcess:
+class EmbeddedBrokerProcess(_BrokerChild):
     """The embedded broker in a child process (``python -m edgeops.broker``), as the demo uses it.
 
     ``port=None`` picks a free port. The child's stderr goes to ``log_path`` (a temporary file
     removed at :meth:`stop` when not given).
     """
+
+    _NORMAL_EXIT_CODES = (*_BrokerChild._NORMAL_EXIT_CODES, 130)  # 130: stopped by Ctrl-C
 
     def __init__(
         self,
@@ -245,14 +246,13 @@ class EmbeddedBrokerProcess:
         log_path: Path | None = None,
         python: str | Path = sys.executable,
     ) -> None:
+        super().__init__()
         self.host = host
         self._port = port
         self._port_chosen = port is None
         self._python = str(python)
         self._log_path = log_path
         self._temporary_log = log_path is None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def port(self) -> int:
@@ -272,10 +272,6 @@ class EmbeddedBrokerProcess:
             os.close(fd)
             self._log_path = Path(name)
         return self._log_path
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -302,42 +298,6 @@ class EmbeddedBrokerProcess:
                 f"{failure}; {self.log_tail(since=offset)}"
             )
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM, wait (SIGKILL after ``timeout_s``); BrokerError if it had died by itself."""
-        ended_by_itself = self._terminate(timeout_s)
-        tail = self.log_tail()
-        if self._temporary_log and self._log_path is not None:
-            self._log_path.unlink(missing_ok=True)
-            self._log_path = None
-        if ended_by_itself is not None and ended_by_itself not in _NORMAL_EXIT_CODES:
-            raise BrokerError(
-                f"the embedded MQTT broker on {self.url} had exited by itself "
-                f"with code {ended_by_itself}; {tail}"
-            )
-
-    def log_tail(self, lines: int = 8, *, since: int = 0) -> str:
-        """The last ``lines`` lines of the child's log (from byte ``since``), on one line."""
-        try:
-            with self.log_path.open("rb") as fh:
-                fh.seek(since)
-                text = fh.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return "no log was written"
-        tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-        return "log: " + " | ".join(tail) if tail else "the log is empty"
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _launch(self) -> subprocess.Popen[bytes]:
         self._log = self.log_path.open("ab")
         command = [self._python, "-m", "edgeops.broker", "--host", self.host]
@@ -351,28 +311,17 @@ class EmbeddedBrokerProcess:
             raise BrokerError(f"the embedded MQTT broker cannot be started: {exc}") from exc
         return self._process
 
-    def _terminate(self, timeout_s: float) -> int | None:
-        """Stop the child if it runs; its exit code if it had already ended by itself."""
-        process, self._process = self._process, None
-        if process is None:
-            return None
-        ended_by_itself = process.poll()
-        if ended_by_itself is None:
-            process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-        self._close_log()
-        return ended_by_itself
+    def _log_file(self) -> Path:
+        return self.log_path
 
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def _describe(self) -> str:
+        return f"the embedded MQTT broker on {self.url}"
+
+    def _after_stop(self) -> None:
+        # a log we created ourselves goes once stop() has read its tail
+        if self._temporary_log and self._log_path is not None:
+            self._log_path.unlink(missing_ok=True)
+            self._log_path = None
 
 
 def _wait_ready(process: subprocess.Popen[bytes], timeout_s: float) -> str | None:

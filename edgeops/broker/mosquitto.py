@@ -20,16 +20,14 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
 
+from edgeops.broker._child import _BrokerChild
 from edgeops.errors import BrokerError
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
@@ -39,7 +37,6 @@ SEARCH_DIRS = (Path("/usr/sbin"), Path("/usr/local/sbin"), Path("/opt/homebrew/s
 """Where Mosquitto lives when it is not on PATH (Debian installs it in /usr/sbin)."""
 
 _START_ATTEMPTS = 3  # a port picked by free_port() can be taken before Mosquitto binds it
-_NORMAL_EXIT_CODES = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -146,12 +143,13 @@ def _option(line: str) -> str:
     return stripped.split(maxsplit=1)[0]
 
 
-class MosquittoProcess:
+class MosquittoProcess(_BrokerChild):
     """A private Mosquitto child process, configured from the shipped file.
 
     The port and the data directory (persistence, config, log) are kept across
     :meth:`stop`/:meth:`start`, so a restart looks to clients like the production broker
-    restarting: same address, retained messages and persistent sessions reloaded.
+    restarting: same address, retained messages and persistent sessions reloaded. On the SIGTERM
+    of :meth:`stop` Mosquitto saves its database before it exits.
     """
 
     def __init__(
@@ -165,6 +163,7 @@ class MosquittoProcess:
         extra_config: str = "",
         binary: str | Path | None = None,
     ) -> None:
+        super().__init__()
         self.data_dir = data_dir
         self.host = host
         self.template = template
@@ -176,8 +175,6 @@ class MosquittoProcess:
         self._port_chosen = port is None
         self._tls = tls
         self._tls_port = tls.port if tls is not None else None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -204,10 +201,6 @@ class MosquittoProcess:
     def tls_url(self) -> str:
         """``mqtts://host:port`` of the TLS listener."""
         return f"mqtts://{_url_host(self.host)}:{self.tls_port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -251,45 +244,10 @@ class MosquittoProcess:
             self.port, self.data_dir, template=self.template, host=self.host, extra=extra
         )
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM (Mosquitto saves its database and exits), then SIGKILL after ``timeout_s``.
-
-        Raises :class:`BrokerError` if the broker had already died on its own, with its log.
-        """
-        crashed = self._terminate(timeout_s)
-        if crashed is not None and crashed not in _NORMAL_EXIT_CODES:
-            raise BrokerError(
-                f"Mosquitto on {self._addresses()} had exited by itself with code {crashed}; "
-                f"{self.log_tail()}"
-            )
-
     def restart(self, timeout_s: float = 15.0) -> None:
         """Stop and start again on the same port(s), keeping the persistence directory."""
         self.stop()
         self.start(timeout_s=timeout_s)
-
-    def log_tail(self, lines: int = 8, *, since: int = 0) -> str:
-        """The last ``lines`` lines of the broker's log (from byte ``since``), on one line."""
-        try:
-            with self.log_path.open("rb") as fh:
-                fh.seek(since)
-                text = fh.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return "no log was written"
-        tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-        return "log: " + " | ".join(tail) if tail else "the log is empty"
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -324,21 +282,11 @@ class MosquittoProcess:
             time.sleep(0.05)
         return f"it did not listen within {timeout_s:.0f} s"
 
-    def _terminate(self, timeout_s: float) -> int | None:
-        """Stop the process if it runs; the exit code if it had already ended by itself."""
-        process, self._process = self._process, None
-        if process is None:
-            return None
-        ended_by_itself = process.poll()
-        if ended_by_itself is None:
-            process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._close_log()
-        return ended_by_itself
+    def _log_file(self) -> Path:
+        return self.log_path
+
+    def _describe(self) -> str:
+        return f"Mosquitto on {self._addresses()}"
 
     def _ports(self) -> Sequence[int]:
         return [self.port] if self._tls is None else [self.port, self.tls_port]
@@ -356,11 +304,6 @@ class MosquittoProcess:
             self._tls_port = free_port(self.host)
             rerolled = True
         return rerolled
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 def _url_host(host: str) -> str:
