@@ -118,7 +118,7 @@ def _read_table(
 
 
 def _read_frame(path: Path, kind: str) -> Any:
-    import pandas as pd  # type: ignore[import-untyped,unused-ignore]
+    import pandas as pd
 
     try:
         if kind == "csv":
@@ -139,7 +139,7 @@ def _read_frame(path: Path, kind: str) -> Any:
 
 
 def _require_numeric(frame: Any, features: list[str], file_name: str) -> None:
-    import pandas as pd  # type: ignore[import-untyped,unused-ignore]
+    import pandas as pd
 
     bad = [
         c

@@ -51,6 +51,10 @@ def current_revision(connection: Connection) -> str | None:
 
 
 def next_revision_id() -> str:
-    """A sequential id for the next script: 0002, 0003, ..."""
-    numbers = [int(s.revision) for s in script_directory().walk_revisions() if s.revision.isdigit()]
+    """A sequential id for the next script: 0002, 0003, ... (ids may carry a ``_name``)."""
+    numbers = [
+        int(prefix)
+        for s in script_directory().walk_revisions()
+        if (prefix := s.revision.partition("_")[0]).isdigit()
+    ]
     return f"{max(numbers, default=0) + 1:04d}"
