@@ -1,0 +1,122 @@
+"""Exporting a registered model version: the artifact and its card, written atomically.
+
+``export(ref, "tflite", out)`` writes ``<name>-<seq>.tflite`` (a Keras model becomes a float
+.tflite; a .tflite version is written as stored), ``<name>-<seq>.card.json`` and
+``<name>-<seq>.card.md``. ``"onnx"`` converts a Keras version with tf2onnx and checks the
+result against Keras with ONNX Runtime. Each file is written to a temp file and renamed, so
+an interrupted export leaves whole files or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from device_agent.fsio import atomic_write_bytes
+from edgeops.export.card import build_card
+from edgeops.export.convert import keras_to_onnx, keras_to_tflite_float
+from edgeops.export.errors import UnsupportedExportError
+
+if TYPE_CHECKING:
+    from device_agent.card import ModelCard
+    from edgeops.data import DatasetService
+    from edgeops.registry import ModelVersionView, Registry
+
+__all__ = ["EXPORT_FORMATS", "ExportResult", "export", "export_artifact"]
+
+EXPORT_FORMATS = ("tflite", "onnx")
+
+
+class ExportResult:
+    """An exported artifact in memory: its bytes, format and card."""
+
+    def __init__(self, artifact: bytes, format: str, card: ModelCard) -> None:
+        self.artifact = artifact
+        self.format = format
+        self.card = card
+
+
+def export(
+    model_ref: str,
+    format: str,
+    out_dir: Path,
+    *,
+    registry: Registry,
+    datasets: DatasetService,
+) -> list[Path]:
+    """Write ``model_ref`` as ``format`` (tflite or onnx) with its card into ``out_dir``.
+
+    Returns the paths written: the artifact, the card as JSON, the card as Markdown.
+    """
+    view = registry.get_model(model_ref)
+    result = export_artifact(view, format, registry=registry, datasets=datasets)
+    stem = f"{view.name}-{view.seq}"
+    files = [
+        (out_dir / f"{stem}.{format}", result.artifact),
+        (out_dir / f"{stem}.card.json", result.card.to_json().encode()),
+        (out_dir / f"{stem}.card.md", result.card.to_markdown().encode()),
+    ]
+    for path, data in files:
+        atomic_write_bytes(path, data)
+    return [path for path, _ in files]
+
+
+def export_artifact(
+    view: ModelVersionView, format: str, *, registry: Registry, datasets: DatasetService
+) -> ExportResult:
+    """The bytes of ``view`` in ``format`` and their card (nothing written)."""
+    if format not in EXPORT_FORMATS:
+        raise UnsupportedExportError(
+            f"cannot export to {format!r}; formats: {', '.join(EXPORT_FORMATS)}"
+        )
+    stored = registry.load_artifact(view.id)
+    dataset = datasets.resolve(view.dataset_version)
+    arrays = datasets.load(dataset.version)
+    x_test = np.asarray(arrays.model_inputs("test"), dtype=np.float32)
+    if view.format == format:
+        artifact = stored
+    elif view.format == "keras":
+        from edgeops.train.trainer import load_keras
+
+        model = load_keras(stored)
+        if format == "tflite":
+            artifact = keras_to_tflite_float(model)
+        else:
+            artifact = keras_to_onnx(model, check_inputs=x_test)
+    else:
+        raise UnsupportedExportError(
+            f"model {view.ref} ({view.id}) is a .{view.format} model and cannot be exported as "
+            f"{format}; export its Keras ancestor instead"
+        )
+    stored_card: dict[str, Any] = dict(view.card or {})
+    config = dict(view.config)
+    task = str(config.get("task") or stored_card.get("task") or dataset.task)
+    lineage = {
+        **dict(stored_card.get("lineage") or {}),
+        "model_id": view.id,
+        "dataset_version": view.dataset_version,
+        "parent_id": view.parent_id,
+        "run_id": view.run_id,
+        "code_version": view.code_version,
+        "source_format": view.format,
+        "source_sha256": view.artifact_sha256,
+        "artifact_sha256": hashlib.sha256(artifact).hexdigest(),
+    }
+    card = build_card(
+        name=view.name,
+        artifact=artifact,
+        format=format,
+        task=task,
+        feature_rule=dataset.feature_rule,
+        reference=stored_card.get("reference") or dataset.reference,
+        sample_inputs=x_test,
+        sample_labels=np.asarray(arrays.y_test),
+        metrics=view.metrics,
+        lineage=lineage,
+        model_id=view.id,
+        version=str(view.seq),
+    )
+    return ExportResult(artifact, format, card)

@@ -1,0 +1,231 @@
+"""Evaluation on device runtimes: LiteRT for .tflite (int8 quantized in and out like a device),
+ONNX Runtime for .onnx, TFLite Micro for arena bytes; MACs agree across formats; bad inputs
+are clear errors; ``edgeops evaluate`` scores a labelled file through the card's rule."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgeops.data import DatasetArrays, DatasetService
+from edgeops.db import Database
+from edgeops.evaluate import (
+    EvaluationError,
+    RuntimeLoadError,
+    UnsupportedFormatError,
+    evaluate_artifact,
+    load_runner,
+    tflm_arena_bytes,
+)
+from edgeops.export import keras_to_onnx, keras_to_tflite_float
+from edgeops.registry import Registry
+from edgeops.store import ArtifactStore
+from edgeops.train import save_keras, train_model
+
+
+@dataclass
+class Trained:
+    arrays: DatasetArrays
+    model: Any
+    keras: bytes
+    float_tflite: bytes
+    int8_tflite: bytes
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
+    from edgeops.compress import quantize
+
+    root = tmp_path_factory.mktemp("digits")
+    database = Database(f"sqlite:///{root / 'edgeops.db'}")
+    database.upgrade()
+    try:
+        datasets = DatasetService(database, ArtifactStore(root / "artifacts"))
+        arrays = datasets.load(datasets.register_builtin("digits").version)
+    finally:
+        database.dispose()
+    model, _ = train_model(arrays, "cnn", epochs=5, seed=0, progress=False)
+    yield Trained(
+        arrays=arrays,
+        model=model,
+        keras=save_keras(model),
+        float_tflite=keras_to_tflite_float(model),
+        int8_tflite=quantize(model, "int8", arrays.model_inputs("train")),
+        x_test=arrays.model_inputs("test"),
+        y_test=arrays.y_test,
+    )
+
+
+def keras_accuracy(trained: Trained) -> float:
+    predicted = np.asarray(trained.model(trained.x_test)).argmax(axis=1)
+    return float(np.mean(predicted == trained.y_test))
+
+
+def test_int8_on_litert_matches_keras_within_a_few_points(trained: Trained) -> None:
+    report = evaluate_artifact(trained.int8_tflite, "tflite", trained.x_test, trained.y_test)
+    assert report.runtime == "litert"
+    assert (report.input_dtype, report.output_dtype) == ("int8", "int8")
+    assert report.accuracy is not None and report.auc is None
+    assert abs(report.accuracy - keras_accuracy(trained)) <= 0.03
+    assert report.num_samples == len(trained.y_test)
+    assert report.size_bytes == len(trained.int8_tflite)
+    assert 0 < report.gzip_bytes < report.size_bytes
+    assert report.latency_ms_median > 0
+    assert report.arena_bytes is not None and report.arena_bytes > 0
+
+
+def test_float_tflite_on_litert_agrees_with_keras(trained: Trained) -> None:
+    report = evaluate_artifact(trained.float_tflite, "tflite", trained.x_test, trained.y_test)
+    assert report.arena_bytes is None  # not a full-int8 model
+    assert report.accuracy == pytest.approx(keras_accuracy(trained), abs=1 / len(trained.y_test))
+    outputs = load_runner(trained.float_tflite, "tflite").run(trained.x_test[:16])
+    np.testing.assert_allclose(outputs, np.asarray(trained.model(trained.x_test[:16])), atol=1e-5)
+
+
+def test_tflm_arena_bytes_is_a_positive_int_for_an_int8_model(trained: Trained) -> None:
+    arena = tflm_arena_bytes(trained.int8_tflite)
+    assert isinstance(arena, int) and 0 < arena < 64 * 1024  # a small CNN on 8x8 digits
+
+
+def test_tflm_cannot_run_garbage_and_says_none() -> None:
+    assert tflm_arena_bytes(b"\x00" * 64) is None
+
+
+def test_macs_agree_across_keras_litert_and_onnx(trained: Trained) -> None:
+    x, y = trained.x_test[:20], trained.y_test[:20]
+    onnx_bytes = keras_to_onnx(trained.model, check_inputs=x)
+    counts = {
+        fmt: evaluate_artifact(blob, fmt, x, y, latency_repeats=3).macs
+        for fmt, blob in (
+            ("keras", trained.keras),
+            ("tflite", trained.float_tflite),
+            ("onnx", onnx_bytes),
+        )
+    }
+    # conv 3x3 1->8 on 8x8, conv 3x3 8->16 on 4x4, dense 64->10
+    expected = 8 * 8 * 8 * 9 + 4 * 4 * 16 * 9 * 8 + 64 * 10
+    assert counts == {"keras": expected, "tflite": expected, "onnx": expected}
+    assert (
+        evaluate_artifact(trained.int8_tflite, "tflite", x, y, latency_repeats=3).macs == expected
+    )
+
+
+def test_onnx_report_comes_from_onnx_runtime(trained: Trained) -> None:
+    onnx_bytes = keras_to_onnx(trained.model, check_inputs=trained.x_test[:16])
+    report = evaluate_artifact(onnx_bytes, "onnx", trained.x_test, trained.y_test)
+    assert report.runtime == "onnxruntime"
+    assert report.accuracy == pytest.approx(keras_accuracy(trained), abs=1 / len(trained.y_test))
+
+
+def test_autoencoder_reports_auc(trained: Trained) -> None:
+    model, metrics = train_model(trained.arrays, "autoencoder", epochs=3, seed=0, progress=False)
+    report = evaluate_artifact(
+        keras_to_tflite_float(model), "tflite", trained.x_test, trained.y_test, task="anomaly"
+    )
+    assert report.accuracy is None
+    assert report.auc == pytest.approx(metrics["auc"], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "needle"),
+    [
+        (lambda t: (t.int8_tflite, "pb", t.x_test, t.y_test), UnsupportedFormatError, "'pb'"),
+        (lambda t: (b"not a model", "tflite", t.x_test, t.y_test), RuntimeLoadError, "LiteRT"),
+        (lambda t: (b"not a model", "onnx", t.x_test, t.y_test), RuntimeLoadError, "ONNX"),
+        (lambda t: (t.int8_tflite, "tflite", t.x_test[:, :4], t.y_test), EvaluationError, "shape"),
+        (lambda t: (t.int8_tflite, "tflite", t.x_test, t.y_test[:5]), EvaluationError, "labels"),
+        (lambda t: (t.int8_tflite, "tflite", t.x_test[:0], t.y_test[:0]), EvaluationError, "no"),
+        (
+            lambda t: (t.int8_tflite, "tflite", t.x_test * np.nan, t.y_test),
+            EvaluationError,
+            "NaN",
+        ),
+        (
+            lambda t: (t.int8_tflite, "tflite", t.x_test, t.y_test + 10),
+            EvaluationError,
+            "class indices",
+        ),
+    ],
+    ids=["format", "tflite-garbage", "onnx-garbage", "shape", "labels", "empty", "nan", "class"],
+)
+def test_bad_input_is_a_clear_error(
+    trained: Trained, change: Any, error: type[Exception], needle: str
+) -> None:
+    artifact, fmt, x, y = change(trained)
+    with pytest.raises(error, match=needle):
+        evaluate_artifact(artifact, fmt, x, y)
+
+
+def test_cli_evaluate_scores_a_labelled_file_through_the_device_path(
+    trained: Trained,
+    isolated_environment: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from edgeops.cli.main import main
+    from edgeops.compress import quantize
+    from edgeops.train.zoo import TASK_CLASSIFICATION
+
+    database = Database(f"sqlite:///{isolated_environment / 'edgeops.db'}")
+    database.upgrade()
+    try:
+        store = ArtifactStore(isolated_environment / "artifacts")
+        datasets, registry = DatasetService(database, store), Registry(database, store)
+        dataset = datasets.resolve("digits")
+        with registry.start_run("compress", {}) as run:
+            version = registry.register_model(
+                name="digits-cnn-int8",
+                artifact=quantize(trained.model, "int8", trained.arrays.model_inputs("train")),
+                format="tflite",
+                run_id=run.id,
+                dataset_version=dataset.version,
+                parent_id=None,
+                config={"arch": "cnn", "task": TASK_CLASSIFICATION},
+                metrics={},
+            )
+            keras_version = registry.register_model(
+                name="digits-cnn",
+                artifact=trained.keras,
+                format="keras",
+                run_id=run.id,
+                dataset_version=dataset.version,
+                parent_id=None,
+                config={"arch": "cnn", "task": TASK_CLASSIFICATION},
+                metrics={},
+            )
+    finally:
+        database.dispose()
+    # raw samples as a user has them: 8x8 digit images flattened to 64 values 0..16
+    data = tmp_path / "new.npz"
+    np.savez(data, x=trained.arrays.x_test[:100], y=trained.arrays.y_test[:100])
+    capsys.readouterr()
+    assert main(["evaluate", version.id, "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == version.id
+    assert report["runtime"] == "litert" and report["input_dtype"] == "int8"
+    expected = evaluate_artifact(
+        trained.int8_tflite, "tflite", trained.x_test[:100], trained.y_test[:100]
+    )
+    assert report["accuracy"] == pytest.approx(expected.accuracy)
+    assert report["num_samples"] == 100
+
+    # a Keras version is scored as its float .tflite on LiteRT, not by Keras
+    assert main(["evaluate", "digits-cnn", "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["runtime"], report["format"], report["input_dtype"]) == (
+        "litert",
+        "tflite",
+        "float32",
+    )
+    assert report["model"] == keras_version.id
+
+    assert main(["evaluate", version.id, "--data", str(tmp_path / "missing.npz")]) == 1
+    assert "missing.npz" in capsys.readouterr().err
