@@ -17,6 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from device_agent._version import __version__
+from edgeops.cli.compress import compress
+from edgeops.cli.data import data_app
+from edgeops.cli.models import models_app, runs_app
+from edgeops.cli.train import evaluate, export, train
 from edgeops.config import Settings, load_settings
 from edgeops.errors import ConfigError, EdgeOpsError
 
@@ -38,6 +42,13 @@ hub_app = typer.Typer(help="Run the hub service.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(hub_app, name="hub")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
+app.command("compress")(compress)
+app.command("train")(train)
+app.command("evaluate")(evaluate)
+app.command("export")(export)
 
 out = Console()
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
