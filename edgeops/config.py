@@ -105,6 +105,11 @@ class Settings(FileBackedSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'edgeops.db'}"
 
     @property
+    def artifacts_dir(self) -> Path:
+        """The content-addressed artifact store."""
+        return self.data_dir / "artifacts"
+
+    @property
     def mqtt_endpoint(self) -> MqttEndpoint | None:
         return MqttEndpoint.parse(self.mqtt_url) if self.mqtt_url else None
 

@@ -34,13 +34,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts
 @contextmanager
 def open_datasets() -> Iterator[DatasetService]:
     """The dataset service of the current settings, with a progress display on stderr."""
-    from edgeops.cli.main import settings
-    from edgeops.data import DatasetService
-    from edgeops.db import Database
-    from edgeops.store import ArtifactStore
+    from edgeops.cli._hub import open_hub
 
-    current = settings()
-    database = Database(current.database)
     console = Console(stderr=True)
     progress = Progress(
         SpinnerColumn(),
@@ -51,16 +46,8 @@ def open_datasets() -> Iterator[DatasetService]:
         disable=not console.is_terminal,
     )
     task = progress.add_task("opening the database", total=None)
-    try:
-        with progress:
-            database.upgrade()
-            yield DatasetService(
-                database,
-                ArtifactStore(current.data_dir / "artifacts"),
-                on_step=lambda step: progress.update(task, description=step),
-            )
-    finally:
-        database.dispose()
+    with progress, open_hub() as hub:
+        yield hub.datasets(on_step=lambda step: progress.update(task, description=step))
 
 
 def _print_json(document: Any) -> None:

@@ -32,19 +32,10 @@ _STAGE_STYLE = {"candidate": "cyan", "staging": "yellow", "production": "green",
 @contextmanager
 def open_registry() -> Iterator[Registry]:
     """The registry of the current settings: database migrated, store under the data dir."""
-    from edgeops.cli.main import settings
-    from edgeops.db import Database
-    from edgeops.registry import Registry
-    from edgeops.store import ArtifactStore
+    from edgeops.cli._hub import open_hub
 
-    current = settings()
-    database = Database(current.database)
-    try:
-        if database.current_revision() != database.head_revision():
-            database.upgrade()  # (skipped when current: it would import every table module)
-        yield Registry(database, ArtifactStore(current.data_dir / "artifacts"))
-    finally:
-        database.dispose()
+    with open_hub() as hub:
+        yield hub.registry()
 
 
 def _print_json(document: Any) -> None:

@@ -40,20 +40,10 @@ class _Services:
 
 @contextmanager
 def _open_services() -> Iterator[_Services]:
-    from edgeops.cli.main import settings
-    from edgeops.data import DatasetService
-    from edgeops.db import Database
-    from edgeops.registry import Registry
-    from edgeops.store import ArtifactStore
+    from edgeops.cli._hub import open_hub
 
-    current = settings()
-    database = Database(current.database)
-    try:
-        database.upgrade()
-        store = ArtifactStore(current.data_dir / "artifacts")
-        yield _Services(DatasetService(database, store), Registry(database, store))
-    finally:
-        database.dispose()
+    with open_hub() as hub:
+        yield _Services(hub.datasets(), hub.registry())
 
 
 def _print_json(document: Any) -> None:

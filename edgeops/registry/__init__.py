@@ -1,6 +1,6 @@
 """The model registry and metadata store: runs, model versions, stages, artifacts, lineage.
 
-    registry = Registry(database, ArtifactStore(settings.data_dir / "artifacts"))
+    registry = Registry(database, ArtifactStore(settings.artifacts_dir))
     with registry.start_run("train", {"arch": "cnn"}) as run:
         ...
         model = registry.register_model(name="digits-cnn", artifact=blob, format="keras",
