@@ -32,7 +32,7 @@ from edgeops.data import (
 from edgeops.data.content import DatasetContent
 from edgeops.data.splits import encode_labels, stratified_split
 from edgeops.db import Database
-from edgeops.store import ArtifactStore, CorruptArtifactError
+from edgeops.store import ArtifactStore
 from tests.clitools import assert_one_line_error, run_cli
 
 
@@ -303,8 +303,16 @@ def test_corrupted_or_swapped_arrays_are_detected_on_load(
     stored = store.verified_path(second.artifact_sha256)
     stored.chmod(0o644)
     stored.write_bytes(b"garbage")
-    with pytest.raises(CorruptArtifactError, match="is corrupted"):
+    with pytest.raises(DataError, match=r"dataset 'b' version .* cannot be read: .*is corrupted"):
         sqlite_datasets.load("b")
+    # importing the same data again repairs the stored arrays
+    sqlite_datasets.import_file(path, name="b", label_column="activity", seed=5)
+    assert sqlite_datasets.load("b").name == "b"
+    stored.unlink()
+    with pytest.raises(DataError, match=r"dataset 'b' .* cannot be read: .*is not in"):
+        sqlite_datasets.load("b")
+    sqlite_datasets.import_file(path, name="b", label_column="activity", seed=5)
+    assert sqlite_datasets.load("b").name == "b"
 
 
 BadFile = Callable[[Path], Path]

@@ -40,3 +40,18 @@ def test_missing_and_malformed_digests(tmp_path: Path) -> None:
         store.get_bytes("0" * 64)
     with pytest.raises(MissingArtifactError, match="not a SHA-256"):
         store.get_bytes("../../etc/passwd")
+
+
+def test_storing_the_same_bytes_again_repairs_a_damaged_artifact(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    digest = store.put_bytes(b"weights")
+    path = store.verified_path(digest)
+    path.chmod(0o644)
+    path.write_bytes(b"weightz")
+    assert store.put_bytes(b"weights") == digest
+    assert store.get_bytes(digest) == b"weights"
+    path.unlink()
+    source = tmp_path / "w.bin"
+    source.write_bytes(b"weights")
+    assert store.put_file(source) == digest
+    assert store.get_bytes(digest) == b"weights"

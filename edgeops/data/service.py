@@ -37,7 +37,7 @@ from edgeops.data.models import NAME_MAX_LENGTH, DatasetArrays, DatasetVersion, 
 from edgeops.data.splits import carve, check_class_counts, encode_labels, stratified_split
 from edgeops.db import Database
 from edgeops.db.types import utcnow
-from edgeops.store import ArtifactStore
+from edgeops.store import ArtifactStore, CorruptArtifactError, MissingArtifactError
 
 __all__ = ["DatasetService"]
 
@@ -152,6 +152,9 @@ class DatasetService:
         version = content.version()
         existing = self._existing(name, version)
         if existing is not None:
+            # the arrays are stored again (a no-op when intact): importing the same data
+            # repairs a damaged or missing artifact
+            self._store.put_bytes(content.to_npz())
             return existing
         self._step("computing reference statistics")
         x_train, _ = content.split("train")
@@ -258,7 +261,11 @@ class DatasetService:
         """The arrays of a version (any reference :meth:`resolve` takes), split."""
         view = self.resolve(version_id)
         what = f"dataset {view.name!r} version {view.short_version}"
-        content = DatasetContent.from_npz(self._store.get_bytes(view.artifact_sha256), what=what)
+        try:
+            stored = self._store.get_bytes(view.artifact_sha256)
+        except (CorruptArtifactError, MissingArtifactError) as exc:
+            raise DataError(f"the arrays of {what} cannot be read: {exc}") from None
+        content = DatasetContent.from_npz(stored, what=what)
         if content.version() != view.version:
             raise DataError(
                 f"the stored arrays of {what} do not hash to its version id; the artifact "

@@ -45,12 +45,15 @@ class ArtifactStore:
         return self._path(digest).is_file()
 
     def put_bytes(self, data: bytes) -> str:
-        """Store ``data``; returns its digest. Storing the same bytes twice is a no-op."""
+        """Store ``data``; returns its digest.
+
+        Storing the same bytes twice writes nothing, unless the stored copy was damaged:
+        then it is replaced, so storing an artifact again repairs it.
+        """
         digest = hashlib.sha256(data).hexdigest()
         target = self._path(digest)
-        if target.is_file():
-            return digest
-        atomic_write_chunks(target, [data], mode=0o444)
+        if not self._intact(target, digest):
+            atomic_write_chunks(target, [data], mode=0o444)
         return digest
 
     def put_file(self, source: Path) -> str:
@@ -61,10 +64,22 @@ class ArtifactStore:
                 sha.update(chunk)
         digest = sha.hexdigest()
         target = self._path(digest)
-        if not target.is_file():
+        if not self._intact(target, digest):
             with source.open("rb") as fh:
                 atomic_write_chunks(target, iter(lambda: fh.read(_CHUNK), b""), mode=0o444)
         return digest
+
+    @staticmethod
+    def _intact(path: Path, digest: str) -> bool:
+        """Whether ``path`` exists and hashes to ``digest``."""
+        try:
+            with path.open("rb") as fh:
+                sha = hashlib.sha256()
+                for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                    sha.update(chunk)
+        except FileNotFoundError:
+            return False
+        return sha.hexdigest() == digest
 
     def get_bytes(self, digest: str) -> bytes:
         """The artifact's bytes, verified against ``digest``."""
@@ -77,7 +92,8 @@ class ArtifactStore:
         if actual != digest:
             raise CorruptArtifactError(
                 f"artifact sha256:{digest} is corrupted (its bytes hash to {actual[:12]}...); "
-                f"remove {path} and recreate it"
+                "store the same content again (re-import the dataset, re-run the step that "
+                "made the model) to repair it"
             )
         return data
 
