@@ -293,6 +293,18 @@ class MqttLink:
             time.sleep(min(0.01, remaining))
         return True
 
+    def publish_info(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> paho.MQTTMessageInfo:
+        """Publish without waiting; the returned info's ``is_published()`` turns True once
+        the broker acknowledged the message (QoS 1). paho keeps it queued while disconnected.
+        """
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        self.stats.publishes += 1
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise LinkError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        return info
+
     def get(self, timeout_s: float | None = None) -> LinkEvent | None:
         """The next event from the inbox, or None after ``timeout_s``."""
         try:

@@ -274,3 +274,8 @@ def decode(channel: Channel, payload: bytes) -> Document:
             f"payload on {channel.value!r} has type {data.get('type')!r}, expected {cls.TYPE!r}"
         )
     return cls.from_dict(data)
+
+
+# Documents defined beside the code that computes them register themselves in DOCUMENTS;
+# importing them here (last: they build on the classes above) makes decode() know them.
+import device_agent.telemetry  # noqa: E402, F401  (TelemetryWindow for Channel.TELEMETRY)

@@ -14,7 +14,12 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 # Every module that defines tables. env.py imports them so autogenerate sees all tables;
 # add a module here when a domain gets its first table.
-TABLE_MODULES = ("edgeops.fleet.models", "edgeops.data.models", "edgeops.registry.models")
+TABLE_MODULES = (
+    "edgeops.fleet.models",
+    "edgeops.data.models",
+    "edgeops.registry.models",
+    "edgeops.monitor.models",
+)
 
 
 def import_table_modules() -> None:
