@@ -13,10 +13,13 @@ feature that is mostly zero has fewer edges than asked. The result is strictly i
 ``e[m-1]`` (and ``+inf``) to bin ``m``. NaN is not counted. Comparisons are made in float64.
 
 **Features.** For a batch of model inputs ``x``, :func:`feature_matrix` decides what a
-feature is: ``(n, F)`` tabular inputs have one feature per column; inputs with more axes,
-``(n, ..., C)`` (time series ``(n, T, C)``, images ``(n, H, W, C)``), have one feature per
-channel ``C`` of the last axis, pooling every position of every sample; ``(n,)`` is one
-feature.
+feature is: ``(n, F)`` tabular inputs have one feature per column; images ``(n, H, W, C)`` (at least
+:data:`IMAGE_GRID` pixels each way) have one feature per cell of an ``IMAGE_GRID`` x
+``IMAGE_GRID`` grid and channel: the mean of the cell's pixels (the image is cropped to a
+multiple of the grid), one value per sample -- pooled pixels of a mostly black image would
+collapse to a handful of bins; other inputs with more axes, ``(n, ..., C)`` (time series
+``(n, T, C)``), have one feature per channel ``C`` of the last axis, pooling every position
+of every sample; ``(n,)`` is one feature.
 
 **Outputs.** :meth:`ReferenceStats.with_outputs` adds the class histogram (``argmax`` of
 the probabilities) and the histogram of the confidence (the largest probability) over the
@@ -100,6 +103,9 @@ def bin_counts(values: np.ndarray, edges: np.ndarray | Sequence[float]) -> np.nd
     return np.bincount(index, minlength=edges_array.size + 1).astype(np.int64)
 
 
+IMAGE_GRID = 4  # images are sketched as the mean of each cell of a 4 x 4 grid
+
+
 def feature_matrix(x_model_inputs: np.ndarray) -> np.ndarray:
     """The batch as a ``(values, features)`` matrix, by the rule in the module docstring."""
     x = np.asarray(x_model_inputs)
@@ -107,6 +113,12 @@ def feature_matrix(x_model_inputs: np.ndarray) -> np.ndarray:
         raise SketchError("model inputs must be a batch (axis 0: samples), got a scalar")
     if x.ndim == 1:
         return x.reshape(-1, 1)
+    if x.ndim == 4 and min(x.shape[1], x.shape[2]) >= IMAGE_GRID:
+        n, height, width, channels = x.shape
+        cell_h, cell_w = height // IMAGE_GRID, width // IMAGE_GRID
+        cropped = x[:, : cell_h * IMAGE_GRID, : cell_w * IMAGE_GRID, :]
+        cells = cropped.reshape(n, IMAGE_GRID, cell_h, IMAGE_GRID, cell_w, channels)
+        return cells.mean(axis=(2, 4)).reshape(n, IMAGE_GRID * IMAGE_GRID * channels)
     return x.reshape(-1, x.shape[-1])
 
 

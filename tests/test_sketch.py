@@ -50,11 +50,23 @@ def test_duplicate_quantiles_collapse_to_one_edge() -> None:
     assert counts[0] == 0 and counts.sum() == 100
 
 
-def test_features_are_columns_of_tables_and_channels_of_series_and_images() -> None:
+def test_features_are_columns_of_tables_channels_of_series_and_grid_cells_of_images() -> None:
     assert feature_matrix(np.zeros((5, 3))).shape == (5, 3)
     assert feature_matrix(np.zeros((5, 100, 6))).shape == (500, 6)
-    assert feature_matrix(np.zeros((5, 8, 8, 1))).shape == (320, 1)
+    assert feature_matrix(np.zeros((5, 8, 8, 1))).shape == (5, 16)
+    assert feature_matrix(np.zeros((5, 28, 28, 3))).shape == (5, 48)
+    assert feature_matrix(np.zeros((5, 2, 2, 1))).shape == (20, 1)  # too small for the grid
     assert feature_matrix(np.zeros(5)).shape == (5, 1)
+
+
+def test_an_image_feature_is_the_mean_of_its_grid_cell() -> None:
+    image = np.zeros((1, 9, 9, 1))  # cropped to 8 x 8: cells of 2 x 2
+    image[0, 0:2, 0:2, 0] = 1.0  # cell (0, 0)
+    image[0, 6:8, 2:4, 0] = 0.5  # cell (3, 1)
+    image[0, 8, :, 0] = 9.0  # cropped away
+    features = feature_matrix(image)[0]
+    assert features[0] == 1.0 and features[3 * 4 + 1] == 0.5
+    assert features.sum() == 1.5
 
 
 def test_reference_from_time_series_pools_each_channel() -> None:

@@ -70,7 +70,7 @@ def test_window_counts_features_classes_and_confidence_in_the_reference_bins(
     assert window.cpu_percent is not None and window.cpu_percent >= 0
 
 
-def test_image_inputs_are_one_feature_per_channel_like_the_reference() -> None:
+def test_image_inputs_are_sketched_like_the_reference() -> None:
     rng = np.random.default_rng(2)
     images = rng.uniform(size=(40, 8, 8, 1)).astype(np.float32)
     reference = ReferenceStats.from_features(images, bins=4)
@@ -80,7 +80,7 @@ def test_image_inputs_are_one_feature_per_channel_like_the_reference() -> None:
     window = agg.close_window(1e9)
     assert window.end_ts == 1e9
     assert window.feature_counts == reference.count_features(images[:10])
-    assert sum(window.feature_counts[0]) == 10 * 64
+    assert len(window.feature_counts) == 16 and sum(window.feature_counts[0]) == 10
 
 
 def test_a_window_closes_at_its_sample_count_or_its_age_whichever_comes_first() -> None:
