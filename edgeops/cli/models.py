@@ -66,7 +66,7 @@ def models_list(
         return
     table = Table(box=box.SIMPLE_HEAD)
     for column in ("id", "version", "stage", "format", "size", "metric"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, overflow="fold", min_width=len(column))
     for model in models:
         table.add_row(
             model.id,

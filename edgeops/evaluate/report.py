@@ -118,7 +118,9 @@ def score_outputs(
 
 
 def _arena(artifact: bytes, format: str, runner: Runner) -> int | None:
-    if format == "tflite" and runner.input.dtype == "int8" and runner.output.dtype == "int8":
+    # tflite-micro plans every .tflite it has kernels for (int8, 16x8 and float); a model
+    # it cannot run (e.g. float16 or dynamic-range weights) has no arena figure
+    if format == "tflite":
         return tflm_arena_bytes(artifact)
     return None
 

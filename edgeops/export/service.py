@@ -118,5 +118,6 @@ def export_artifact(
         lineage=lineage,
         model_id=view.id,
         version=str(view.seq),
+        extra={k: v for k, v in stored_card.items() if k == "compression"},
     )
     return ExportResult(artifact, format, card)

@@ -292,7 +292,7 @@ class Registry:
             return self._store.get_bytes(digest)
         except artifact_store.CorruptArtifactError as exc:
             raise CorruptArtifactError(
-                f"model {model.id} ({model.ref}): artifact sha256:{digest} is corrupted: {exc}"
+                f"model {model.id} ({model.ref}): {exc}"
             ) from exc
         except artifact_store.MissingArtifactError as exc:
             raise MissingArtifactError(
