@@ -291,9 +291,7 @@ class Registry:
         try:
             return self._store.get_bytes(digest)
         except artifact_store.CorruptArtifactError as exc:
-            raise CorruptArtifactError(
-                f"model {model.id} ({model.ref}): {exc}"
-            ) from exc
+            raise CorruptArtifactError(f"model {model.id} ({model.ref}): {exc}") from exc
         except artifact_store.MissingArtifactError as exc:
             raise MissingArtifactError(
                 f"model {model.id} ({model.ref}): artifact sha256:{digest} is missing "
