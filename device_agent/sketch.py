@@ -118,7 +118,8 @@ def feature_matrix(x_model_inputs: np.ndarray) -> np.ndarray:
         cell_h, cell_w = height // IMAGE_GRID, width // IMAGE_GRID
         cropped = x[:, : cell_h * IMAGE_GRID, : cell_w * IMAGE_GRID, :]
         cells = cropped.reshape(n, IMAGE_GRID, cell_h, IMAGE_GRID, cell_w, channels)
-        return cells.mean(axis=(2, 4)).reshape(n, IMAGE_GRID * IMAGE_GRID * channels)
+        means: np.ndarray = cells.mean(axis=(2, 4))
+        return means.reshape(n, IMAGE_GRID * IMAGE_GRID * channels)
     return x.reshape(-1, x.shape[-1])
 
 
