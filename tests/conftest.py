@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.mqtt", "tests.fixtures.database"]
+pytest_plugins = ["tests.fixtures.mqtt", "tests.fixtures.database", "tests.fixtures.models"]
 
 _KEEP = {"EDGEOPS_TEST_POSTGRES_URL"}
 
