@@ -18,6 +18,7 @@ from types import FrameType
 from device_agent._version import __version__
 from device_agent.config import AgentSettings
 from device_agent.errors import AgentError, ConfigError
+from device_agent.link import mask_url
 
 PROG = "edgeops-agent"
 
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="EdgeOps device agent: connects this device to the hub over MQTT, reports "
-        "its state and presence, and (as the agent grows) runs models and sends telemetry.",
+        "its state and presence, runs its model (and a shadow challenger) on samples from its "
+        "source, and sends telemetry windows through an offline buffer.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the agent daemon until SIGTERM/SIGINT",
         description="Run the agent daemon. Settings come from --config (TOML), then "
         "EDGEOPS_AGENT_* variables, then these options (highest precedence). On SIGTERM it "
-        "publishes offline presence and disconnects cleanly.",
+        "runs the samples in hand, closes the current telemetry window, flushes the offline "
+        "buffer while the broker acknowledges, publishes offline presence and disconnects.",
     )
     _config_options(run)
     run.add_argument("--log-json", action="store_true", help="log JSON lines (for journald)")
@@ -72,6 +75,27 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
         dest="heartbeat_s",
         help="state re-publish interval",
     )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        metavar="DIR",
+        help="champion bundle: card.json + model.tflite or model.onnx",
+    )
+    parser.add_argument(
+        "--window-samples", type=int, metavar="N", help="close a telemetry window after N samples"
+    )
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="close a telemetry window after this many seconds",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        metavar="PORT",
+        help="serve GET /health on 127.0.0.1:PORT (0: any free port)",
+    )
 
 
 def load(args: argparse.Namespace) -> AgentSettings:
@@ -82,6 +106,10 @@ def load(args: argparse.Namespace) -> AgentSettings:
         data_dir=args.data_dir,
         hardware=args.tags,
         heartbeat_s=args.heartbeat_s,
+        model_dir=args.model_dir,
+        window_samples=args.window_samples,
+        window_seconds=args.window_seconds,
+        health_port=args.health_port,
     )
 
 
@@ -96,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             shown = settings.model_dump(mode="json")
             shown["mqtt_url"] = settings.endpoint.url
+            if shown.get("source"):  # a local-broker source URL may carry a password too
+                shown["source"]["url"] = mask_url(shown["source"]["url"])
             print(json.dumps(shown, indent=2, sort_keys=True))
             return 0
         return _run(settings, args.log_level, args.log_json)

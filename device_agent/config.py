@@ -27,6 +27,7 @@ from pydantic_settings import (
 from device_agent.errors import ConfigError, ProtocolError
 from device_agent.link import MqttEndpoint, TlsFiles, mask_url
 from device_agent.protocol import validate_device_id
+from device_agent.sources import SourceConfig
 
 DEFAULT_DATA_DIR = Path("~/.edgeops")
 
@@ -163,6 +164,37 @@ class AgentSettings(FileBackedSettings):
         default=False,
         validation_alias=AliasChoices("dev_mode", "EDGEOPS_AGENT_DEV_MODE", "EDGEOPS_DEV_MODE"),
     )
+    model_dir: Path | None = Field(
+        default=None,
+        description="the champion bundle (card.json + model.tflite or model.onnx); without "
+        "it the agent only reports presence and state",
+    )
+    source: SourceConfig | None = Field(
+        default=None, description="where samples come from (TOML table [source], kind = ...)"
+    )
+    window_samples: int | None = Field(
+        default=1000,
+        ge=0,
+        description="a telemetry window closes after this many samples (0: no bound)",
+    )
+    window_seconds: float | None = Field(
+        default=60.0, ge=0, description="... or after this many seconds, first wins (0: no bound)"
+    )
+    raw_sample_rate: float = Field(
+        default=0.0, ge=0, description="raw input samples kept per window for retraining"
+    )
+    buffer_max_items: int = Field(
+        default=100_000, gt=0, description="bound of the offline buffer (messages on disk)"
+    )
+    health_port: int | None = Field(
+        default=None, ge=0, le=65535, description="local HTTP health endpoint on 127.0.0.1"
+    )
+    models_dir: Path | None = Field(
+        default=None, description="where challenger bundles live (default <state_dir>/models)"
+    )
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="on SIGTERM, how long to wait for the broker's acks"
+    )
 
     @field_validator("device_id")
     @classmethod
@@ -186,6 +218,23 @@ class AgentSettings(FileBackedSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
+    @field_validator("model_dir", "models_dir")
+    @classmethod
+    def _expand_optional(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("window_samples", "window_seconds")
+    @classmethod
+    def _zero_is_unset(cls, value: float | None) -> float | None:
+        # TOML has no null: 0 switches a bound off
+        return None if value == 0 else value
+
+    @model_validator(mode="after")
+    def _some_window_bound(self) -> Self:
+        if self.window_samples is None and self.window_seconds is None:
+            raise ValueError("window_samples and window_seconds are both unset; set at least one")
+        return self
+
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Self:
         if not self.dev_mode and is_placeholder(self.endpoint.password):
@@ -207,3 +256,8 @@ class AgentSettings(FileBackedSettings):
     def state_dir(self) -> Path:
         """Where this agent keeps its own files."""
         return self.data_dir / "agents" / self.device_id
+
+    @property
+    def challenger_dir(self) -> Path:
+        """Where challenger bundles named by the desired state must live."""
+        return self.models_dir if self.models_dir is not None else self.state_dir / "models"

@@ -1,40 +1,82 @@
-"""The agent daemon: one MQTT identity, its retained state and presence, and a health file.
+"""The agent daemon: one MQTT identity, its models, its input source and its telemetry.
 
 The daemon owns one :class:`MqttLink`. Its main loop runs on the caller's thread and is the
-only code that acts on events; paho's callbacks merely fill the link's inbox.
+only code that acts on events; paho's callbacks merely fill the link's inbox, and the input
+source is polled with a timeout (its own threads, if any, only queue requests). Each turn of the
+loop handles every queued link event, then polls the source and runs samples for at most
+``SAMPLE_BUDGET_S`` (so a busy source never starves MQTT; an idle one is waited on for that
+long), closes a telemetry window when it is due, pumps the
+offline buffer to the broker and re-publishes the state when the heartbeat is due.
 
 On every (re)connect the agent publishes, retained, ``presence`` = online and its reported
-``state``; the broker publishes the retained offline presence (the last will) if the device
-vanishes. On stop (SIGTERM) it publishes offline presence itself, waits for the broker's
-acknowledgement, and disconnects cleanly.
+``state`` (with the loaded champion and challenger in ``slots``); the broker publishes the
+retained offline presence (the last will) if the device vanishes.
+
+With ``model_dir`` the agent loads the champion bundle and opens the configured source.
+Each sample is run through the champion, answered to the source (when it can take answers)
+and fed to the :class:`WindowAggregator`. A challenger named by the desired state
+(``{"challenger": {"model_id": ..., "path": ...}}``, the path under ``models_dir``) runs on
+the same inputs; its outputs are never returned, only its agreement with the champion and
+its latency go into the window's ``shadow`` field. Windows and events are written to the
+:class:`OfflineBuffer` first and deleted only once the broker acknowledged them.
+
+Bad input (wrong shape, NaN, garbage from the source, a malformed desired document) is
+answered with an error where the source can take answers, counted in the window's ``errors``
+and never stops the loop.
+
+On stop (SIGTERM) it answers the requests already queued by sources that take requests
+(http, mqtt, stdin), stops the source, closes the current window, flushes the buffer for as
+long as the broker acknowledges within ``shutdown_grace_s`` (the rest stays on disk for the
+next start), publishes offline presence, waits for the broker's acknowledgement, and
+disconnects cleanly.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import threading
 import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from device_agent._version import __version__
+from device_agent.buffer import BufferDrain, OfflineBuffer
 from device_agent.config import AgentSettings
 from device_agent.dispatch import Dispatcher
+from device_agent.errors import AgentError
 from device_agent.fsio import atomic_write_json
 from device_agent.link import Connected, Disconnected, Message, MqttLink, Will
 from device_agent.protocol import (
     QOS,
+    SCHEMA_VERSION,
     Channel,
     Presence,
     StateReport,
     device_topic,
     encode,
 )
+from device_agent.runtime import InputError, ModelBundle, Prediction, Runtime, open_runtime
+from device_agent.sources import Sample, Source, open_source, reply_document
+from device_agent.telemetry import ShadowResult, WindowAggregator
 
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 5.0
+SAMPLE_BUDGET_S = 0.05  # samples run per loop turn before link events are looked at again
+ANSWERING_SOURCES = frozenset({"http", "mqtt", "stdin"})  # someone waits for each sample
+DROP_EVENT_INTERVAL_S = 60.0  # at most one "buffer_dropped" event per interval
+EVENT_TYPE = "event"
+
+# errors a runtime may raise on a sample beyond InputError (interpreter failures, numpy)
+_RUN_ERRORS = (AgentError, ValueError, TypeError, RuntimeError, FloatingPointError)
+
+
+class ChallengerError(AgentError):
+    """The desired state names a challenger that cannot run beside the champion."""
 
 
 def detect_hardware() -> dict[str, str]:
@@ -57,8 +99,22 @@ def _meminfo_bytes(field: str) -> int | None:
     return None
 
 
+def event_payload(device_id: str, seq: int, event: str, ts: float, detail: dict[str, Any]) -> bytes:
+    """The wire form of an ``events`` message (schema 1, type ``event``)."""
+    document = {
+        "schema": SCHEMA_VERSION,
+        "type": EVENT_TYPE,
+        "device_id": device_id,
+        "seq": seq,
+        "event": event,
+        "ts": ts,
+        "detail": detail,
+    }
+    return json.dumps(document, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
 class AgentDaemon:
-    """Connects as one device, keeps its reported state current, and writes a health file."""
+    """Connects as one device, runs its models on its source and reports what it sees."""
 
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
@@ -78,6 +134,31 @@ class AgentDaemon:
         self.link.subscribe(device_topic(self.device_id, Channel.DESIRED), QOS)
         self.dispatcher.on_raw(Channel.DESIRED, self._on_desired)
 
+        # inference: set up by run()
+        self.champion: Runtime | None = None
+        self.champion_bundle: ModelBundle | None = None
+        self.challenger: Runtime | None = None
+        self.challenger_path: Path | None = None
+        self.source: Source | None = None
+        self.aggregator: WindowAggregator | None = None
+        self.buffer: OfflineBuffer | None = None
+        self.drain: BufferDrain | None = None
+        self.samples_total = 0
+        self.windows_total = 0
+        self.errors: Counter[str] = Counter()
+        self._model_error: str | None = None
+        self._source_error: str | None = None
+        self._source_done = False  # exhausted, or failed for good
+        self._source_exhausted_handled = False
+        self._source_errors_seen: Counter[str] = Counter()
+        self._window_activity = 0  # samples + errors in the open window
+        self._drop_event_total = 0  # buffer.dropped_total already reported as an event
+        self._drop_event_at = float("-inf")
+        self._health_server: ThreadingHTTPServer | None = None
+        self._health_doc: dict[str, Any] = {}
+        self._health_lock = threading.Lock()
+        self._health_written_at = float("-inf")
+
     def _next_will(self) -> Will:
         """The will for the connection about to be made, stamped with its start time.
 
@@ -93,6 +174,11 @@ class AgentDaemon:
     def health_file(self) -> Path:
         return self.settings.state_dir / "health.json"
 
+    @property
+    def health_port(self) -> int | None:
+        """The port of the local health endpoint once it listens (0 in settings: any)."""
+        return self._health_server.server_address[1] if self._health_server else None
+
     def stop(self) -> None:
         """Ask the main loop to drain and exit (safe from signal handlers and other threads)."""
         self._stop.set()
@@ -101,19 +187,278 @@ class AgentDaemon:
         """Run until :meth:`stop`; returns the process exit code."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         log.info("agent %s starting, broker %s", self.device_id, self.link.endpoint.url)
-        self.link.start()
-        self._write_health("connecting")
+        self._open_buffer()
         try:
+            self._start_inference()
+            self._start_health_server()
+            self.link.start()
+            self._write_health("connecting")
             while not self._stop.is_set():
-                event = self.link.get(timeout_s=0.25)
-                if event is not None:
-                    self._handle(event)
-                self._heartbeat()
+                self._turn()
         finally:
             self._shutdown()
         return 0
 
-    # -- events ----------------------------------------------------------------------------
+    # -- start -----------------------------------------------------------------------------
+
+    def _open_buffer(self) -> None:
+        path = self.settings.state_dir / "buffer.sqlite3"
+        self.buffer = OfflineBuffer(path, max_items=self.settings.buffer_max_items)
+        self.drain = BufferDrain(self.buffer, self.link)
+        self._drop_event_total = self.buffer.dropped_total
+        moved = self.buffer.recovered_from_corruption
+        if moved is not None:
+            log.error("offline buffer %s was corrupt; moved to %s, started afresh", path, moved)
+            self._event("buffer_corruption_recovered", path=str(path), moved_to=str(moved))
+
+    def _start_inference(self) -> None:
+        """Load the champion and open the source; a failure is reported, never fatal."""
+        model_dir = self.settings.model_dir
+        if model_dir is None:
+            return
+        try:
+            bundle = ModelBundle.load(model_dir)
+            runtime = open_runtime(bundle)
+        except AgentError as exc:
+            self._model_error = str(exc)
+            log.error("champion model in %s not loaded: %s", model_dir, exc)
+            self._event("model_load_failed", role="champion", path=str(model_dir), error=str(exc))
+            return
+        self.champion_bundle, self.champion = bundle, runtime
+        self.aggregator = WindowAggregator(
+            self.device_id,
+            runtime.model_id,
+            bundle.reference,
+            window_samples=self.settings.window_samples,
+            window_seconds=self.settings.window_seconds,
+            raw_sample_rate=self.settings.raw_sample_rate,
+        )
+        log.info("champion %s loaded (%s)", runtime.model_id, runtime.name)
+        if self.settings.source is None:
+            log.warning("no source configured: the champion waits for nothing to run on")
+            return
+        kind = self.settings.source.kind
+        try:
+            self.source = open_source(self.settings.source, bundle.rule.input_shape)
+        except AgentError as exc:  # a missing file, a port in use: reported, not fatal
+            self._source_error = str(exc)
+            log.error("source %s not opened: %s", kind, exc)
+            self._event("source_failed", kind=kind, error=str(exc))
+            return
+        log.info("source %s open", kind)
+
+    def _start_health_server(self) -> None:
+        if self.settings.health_port is None:
+            return
+        daemon = self
+
+        class HealthHandler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] not in ("/health", "/v1/health"):
+                    self._send(404, {"error": f"no such path {self.path!r}; try /health"})
+                    return
+                self._send(200, daemon.health_snapshot())
+
+            def _send(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body, sort_keys=True).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("health endpoint: " + format, *args)
+
+        server = ThreadingHTTPServer(("127.0.0.1", self.settings.health_port), HealthHandler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="agent-health", daemon=True).start()
+        self._health_server = server
+        log.info("health endpoint on http://127.0.0.1:%d/health", self.health_port)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _turn(self) -> None:
+        """One turn of the main loop."""
+        if self.champion is None:
+            event = self.link.get(timeout_s=0.25)
+            if event is not None:
+                self._handle(event)
+        else:
+            while (event := self.link.get(timeout_s=0)) is not None:
+                self._handle(event)
+            if self.source is None or self._source_done:
+                event = self.link.get(timeout_s=SAMPLE_BUDGET_S)
+                if event is not None:
+                    self._handle(event)
+            else:
+                self._run_samples(self.source, SAMPLE_BUDGET_S)
+            self._fold_source_errors()
+            if self.aggregator is not None and self.aggregator.due(time.time()):
+                self._close_window()
+            self._check_source_exhausted()
+        self._pump()
+        self._heartbeat()
+
+    def _run_samples(self, source: Source, budget_s: float) -> int:
+        """Poll ``source`` and run its samples for up to ``budget_s``; how many ran."""
+        deadline = time.monotonic() + budget_s
+        done = 0
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                sample = source.poll(remaining)
+            except (AgentError, OSError) as exc:
+                log.error("source failed, no more samples from it: %s", exc)
+                self._count_error("source_failed", exc)
+                self._source_error = str(exc)
+                self._event("source_failed", kind=source.kind, error=str(exc))
+                self._source_done = True
+                break
+            if sample is None:
+                self._source_done = source.exhausted
+                break
+            self._run_sample(sample)
+            done += 1
+        return done
+
+    def _run_sample(self, sample: Sample) -> None:
+        champion, aggregator = self.champion, self.aggregator
+        if champion is None or aggregator is None:
+            return
+        try:
+            prediction = champion.infer(sample.raw)
+        except InputError as exc:
+            self._sample_error("input", exc, sample)
+            return
+        except _RUN_ERRORS as exc:
+            self._sample_error("runtime", exc, sample)
+            return
+        self._reply(sample, reply_document(prediction, champion.model_id))
+        self._fold_source_errors()  # errors that came before this sample, in its window
+        shadow = self._shadow(sample, prediction)
+        aggregator.add(prediction, sample.raw, shadow=shadow)
+        self.samples_total += 1
+        self._window_activity += 1
+        if aggregator.due(time.time()):
+            self._close_window()
+
+    def _shadow(self, sample: Sample, champion: Prediction) -> ShadowResult | None:
+        """Run the challenger on the same input; its output never leaves the agent."""
+        challenger = self.challenger
+        if challenger is None:
+            return None
+        try:
+            prediction = challenger.infer(sample.raw)
+        except _RUN_ERRORS as exc:
+            self._count_error("shadow", exc)
+            return None
+        agreed = prediction.label == champion.label
+        return ShadowResult(challenger.model_id, agreed, prediction.latency_s)
+
+    def _sample_error(self, kind: str, exc: BaseException, sample: Sample) -> None:
+        self._count_error(kind, exc)
+        self._reply(sample, {"error": str(exc)})
+
+    def _count_error(self, kind: str, exc: BaseException | None = None) -> None:
+        self.errors[kind] += 1
+        if self.aggregator is not None:
+            self.aggregator.add_error(kind)
+            self._window_activity += 1
+        if exc is not None:
+            log.debug("%s error: %s", kind, exc)
+
+    def _reply(self, sample: Sample, body: dict[str, Any]) -> None:
+        if sample.reply is None:
+            return
+        try:
+            sample.reply(body)
+        except (OSError, ValueError, AgentError) as exc:  # the application went away
+            self._count_error("reply", exc)
+
+    def _fold_source_errors(self) -> None:
+        """Count the source's own errors (unparsable lines, wrong shapes) in the window."""
+        if self.source is None:
+            return
+        current = self.source.errors  # replaced by the source on change, never mutated
+        if current is self._source_errors_seen:
+            return
+        for kind, total in current.items():
+            for _ in range(total - self._source_errors_seen[kind]):
+                self._count_error(f"source_{kind}")
+        self._source_errors_seen = current
+
+    def _check_source_exhausted(self) -> None:
+        if self._source_exhausted_handled or not self._source_done:
+            return
+        self._source_exhausted_handled = True
+        self._fold_source_errors()
+        log.info("source exhausted after %d samples", self.samples_total)
+        if self._window_activity:
+            self._close_window()
+        self._write_health(self._status())
+
+    # -- telemetry and events through the buffer -------------------------------------------
+
+    def _close_window(self) -> None:
+        aggregator, buffer = self.aggregator, self.buffer
+        if aggregator is None or buffer is None:
+            return
+        window = aggregator.close_window(time.time())
+        self._window_activity = 0
+        # the loss at the bound is taken in the append's transaction: reported exactly once
+        payload = window.payload_factory(buffer.take_dropped)
+        try:
+            buffer.append(device_topic(self.device_id, Channel.TELEMETRY), payload)
+        except AgentError as exc:  # the disk is full or gone: this window is lost, counted
+            self.errors["buffer"] += 1
+            log.error("telemetry window of %d samples lost: %s", window.samples, exc)
+            return
+        self.windows_total += 1
+        self._check_drops()
+
+    def _check_drops(self) -> None:
+        """Report, as an event, messages the full buffer dropped (at most once a minute)."""
+        buffer = self.buffer
+        if buffer is None or buffer.dropped_total <= self._drop_event_total:
+            return
+        now = time.monotonic()
+        if now - self._drop_event_at < DROP_EVENT_INTERVAL_S:
+            return
+        dropped = buffer.dropped_total - self._drop_event_total
+        self._drop_event_total = buffer.dropped_total
+        self._drop_event_at = now
+        log.warning("offline buffer full: %d oldest messages dropped", dropped)
+        self._event(
+            "buffer_dropped",
+            dropped=dropped,
+            dropped_total=buffer.dropped_total,
+            max_items=self.settings.buffer_max_items,
+        )
+
+    def _event(self, event: str, **detail: Any) -> None:
+        """Queue an ``events`` message in the offline buffer."""
+        if self.buffer is None:
+            return
+        ts = round(time.time(), 3)
+
+        def payload(seq: int) -> bytes:
+            return event_payload(self.device_id, seq, event, ts, detail)
+
+        try:
+            self.buffer.append(device_topic(self.device_id, Channel.EVENTS), payload)
+        except AgentError as exc:
+            self.errors["buffer"] += 1
+            log.error("event %s lost: %s", event, exc)
+
+    def _pump(self) -> None:
+        if self.drain is not None and self.link.connected:
+            try:
+                self.drain.pump()
+            except AgentError as exc:  # the rows stay in the buffer for the next turn
+                self.errors["buffer"] += 1
+                log.error("offline buffer not drained: %s", exc)
+
+    # -- events from the broker ------------------------------------------------------------
 
     def _handle(self, event: Message | Connected | Disconnected) -> None:
         if isinstance(event, Connected):
@@ -132,6 +477,100 @@ class AgentDaemon:
         self.desired = document
         atomic_write_json(self.settings.state_dir / "desired.json", document)
         log.info("desired state received", extra={"desired_keys": sorted(document)})
+        if self.set_challenger(document.get("challenger")):
+            self._publish_state()
+
+    def set_challenger(self, spec: Any) -> bool:
+        """Start, keep or stop the challenger named by ``spec``; True if the slots changed.
+
+        ``spec`` is ``None`` (no challenger) or ``{"model_id": str, "path": str}`` with the
+        bundle's path relative to (or inside) ``models_dir``. A bad spec or a bundle that does
+        not load is reported as a ``model_load_failed`` event and leaves no challenger.
+        """
+        if not spec:
+            return self._stop_challenger("desired state names no challenger")
+        try:
+            model_id, path = self._challenger_spec(spec)
+        except AgentError as exc:
+            self._count_error("desired", exc)
+            self._event("model_load_failed", role="challenger", error=str(exc))
+            log.error("challenger refused: %s", exc)
+            return self._stop_challenger("refused")
+        current = self.challenger
+        if current is not None and current.model_id == model_id and self.challenger_path == path:
+            return False
+        changed = self._stop_challenger(f"replaced by {model_id}")
+        try:
+            runtime = self._load_challenger(model_id, path)
+        except AgentError as exc:
+            log.error("challenger %s in %s not loaded: %s", model_id, path, exc)
+            self._event(
+                "model_load_failed", role="challenger", model_id=model_id, path=str(path),
+                error=str(exc),
+            )  # fmt: skip
+            return changed
+        if self._window_activity:
+            self._close_window()  # a window's shadow field speaks of one challenger
+        self.challenger, self.challenger_path = runtime, path
+        log.info("challenger %s started in shadow mode (%s)", model_id, runtime.name)
+        self._event("challenger_started", model_id=model_id, path=str(path), runtime=runtime.name)
+        return True
+
+    def _challenger_spec(self, spec: Any) -> tuple[str, Path]:
+        if not isinstance(spec, dict):
+            raise ChallengerError(f"desired 'challenger' must be an object, got {spec!r}")
+        model_id, raw_path = spec.get("model_id"), spec.get("path")
+        if not isinstance(model_id, str) or not model_id:
+            raise ChallengerError(
+                f"desired challenger: 'model_id' must be a string, got {model_id!r}"
+            )
+        if not isinstance(raw_path, str) or not raw_path:
+            raise ChallengerError(f"desired challenger: 'path' must be a string, got {raw_path!r}")
+        root = self.settings.challenger_dir.resolve()
+        path = (root / raw_path).resolve()
+        if not path.is_relative_to(root):
+            raise ChallengerError(
+                f"desired challenger path {raw_path!r} is outside the models dir {root}"
+            )
+        return model_id, path
+
+    def _load_challenger(self, model_id: str, path: Path) -> Runtime:
+        champion = self.champion_bundle
+        if champion is None:
+            raise ChallengerError("no champion is loaded to compare a challenger with")
+        bundle = ModelBundle.load(path)
+        if bundle.model_id != model_id:
+            raise ChallengerError(
+                f"bundle in {path} holds model {bundle.model_id!r}, desired names {model_id!r}"
+            )
+        if bundle.rule.input_shape != champion.rule.input_shape:
+            raise ChallengerError(
+                f"challenger {model_id} takes input shape {bundle.rule.input_shape}, "
+                f"the champion {champion.model_id} takes {champion.rule.input_shape}"
+            )
+        return open_runtime(bundle)
+
+    def _stop_challenger(self, reason: str) -> bool:
+        challenger = self.challenger
+        if challenger is None:
+            return False
+        if self._window_activity:
+            self._close_window()
+        self.challenger, self.challenger_path = None, None
+        challenger.close()
+        log.info("challenger %s stopped: %s", challenger.model_id, reason)
+        self._event("challenger_stopped", model_id=challenger.model_id, reason=reason)
+        return True
+
+    # -- state and health ------------------------------------------------------------------
+
+    def slots(self) -> dict[str, Any]:
+        """The loaded models, as reported in ``state``."""
+        slots: dict[str, Any] = {}
+        for role, runtime in (("champion", self.champion), ("challenger", self.challenger)):
+            if runtime is not None:
+                slots[role] = {"model_id": runtime.model_id, "runtime": runtime.name}
+        return slots
 
     def _heartbeat(self) -> None:
         due = self._state_published_at is None or (
@@ -140,12 +579,16 @@ class AgentDaemon:
         if due and self.link.connected:
             self._publish_state()
             self._write_health("connected")
+        elif time.monotonic() - self._health_written_at >= self.settings.heartbeat_s:
+            self._write_health(self._status())  # the counters stay current while offline
 
     def _publish_state(self) -> None:
         report = StateReport(
             device_id=self.device_id,
             agent_version=__version__,
             hardware=self.hardware,
+            slots=self.slots(),
+            health="model_error" if self._model_error else "ok",
             free_memory_bytes=_meminfo_bytes("MemAvailable"),
         )
         self._publish(Channel.STATE, encode(report))
@@ -156,21 +599,54 @@ class AgentDaemon:
             device_topic(self.device_id, channel), payload, qos=QOS, retain=channel.retained
         )
 
+    def _status(self) -> str:
+        return "connected" if self.link.connected else "connecting"
+
+    def health_snapshot(self) -> dict[str, Any]:
+        """The last health document written (served by the health endpoint)."""
+        with self._health_lock:
+            return dict(self._health_doc)
+
     def _write_health(self, status: str) -> None:
-        atomic_write_json(
-            self.health_file,
-            {
-                "device_id": self.device_id,
-                "agent_version": __version__,
-                "status": status,
-                "ts": round(time.time(), 3),
-                "broker": self.link.endpoint.url,
-                "dropped_messages": dict(self.dispatcher.dropped),
-                "desired_seen": self.desired is not None,
-            },
-        )
+        doc = {
+            "device_id": self.device_id,
+            "agent_version": __version__,
+            "status": status,
+            "ts": round(time.time(), 3),
+            "broker": self.link.endpoint.url,
+            "dropped_messages": dict(self.dispatcher.dropped),
+            "desired_seen": self.desired is not None,
+            "slots": self.slots(),
+            "model_error": self._model_error,
+            "source_error": self._source_error,
+            "samples": self.samples_total,
+            "errors": dict(self.errors),
+            "windows": self.windows_total,
+            "source_exhausted": self._source_exhausted_handled,
+            "buffer_pending": len(self.buffer) if self.buffer else 0,
+            "buffer_dropped_total": self.buffer.dropped_total if self.buffer else 0,
+            "health_port": self.health_port,
+        }
+        with self._health_lock:
+            self._health_doc = doc
+        self._health_written_at = time.monotonic()
+        atomic_write_json(self.health_file, doc)
+
+    # -- stop ------------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        source = self.source
+        if source is not None:
+            if source.kind in ANSWERING_SOURCES and not self._source_done:
+                # work in hand: requests already queued get their answers
+                while time.monotonic() < deadline and self._run_samples(source, 0.0005):
+                    pass
+            source.close()
+        self._fold_source_errors()
+        if self._window_activity:
+            self._close_window()
+        self._flush(deadline)
         if self.link.connected:
             acked = self.link.publish(
                 device_topic(self.device_id, Channel.PRESENCE),
@@ -182,5 +658,27 @@ class AgentDaemon:
             if not acked:
                 log.warning("offline presence not acknowledged; the broker's will covers it")
         self.link.stop()
+        for runtime in (self.challenger, self.champion):
+            if runtime is not None:
+                runtime.close()
         self._write_health("stopped")
+        if self.buffer is not None:
+            self.buffer.close()
+        if self._health_server is not None:
+            self._health_server.shutdown()
+            self._health_server.server_close()
         log.info("agent %s stopped", self.device_id)
+
+    def _flush(self, deadline: float) -> None:
+        """Send what the buffer holds while the broker acknowledges, until ``deadline``."""
+        buffer, drain = self.buffer, self.drain
+        if buffer is None or drain is None:
+            return
+        try:
+            if self.link.connected and drain.flush(max(0.0, deadline - time.monotonic())):
+                return
+        except AgentError as exc:
+            log.error("offline buffer not flushed: %s", exc)
+        left = len(buffer)
+        if left:
+            log.warning("%d messages stay in the offline buffer for the next start", left)
