@@ -140,6 +140,9 @@ class WindowRule:
         )
 
 
+_NUMERIC_KINDS = frozenset("biuf")  # bool, signed, unsigned, float
+
+
 @dataclass(frozen=True)
 class FeatureRule:
     """How one raw sample of ``input_shape`` becomes a model input of ``model_input_shape``.
@@ -155,6 +158,10 @@ class FeatureRule:
     model_input_shape: tuple[int, ...] = ()
     window: WindowRule | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    _offset: np.ndarray = field(init=False, repr=False, compare=False)
+    _scale: np.ndarray = field(init=False, repr=False, compare=False)
+    _batch_axes: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         input_shape = _shape(self.input_shape, "input_shape")
@@ -181,6 +188,11 @@ class FeatureRule:
                     f"feature rule: field {name!r} must hold 1 or {self.num_features} values "
                     f"(the size of the feature axis), got {len(values)}"
                 )
+        # the per-sample path (agent, firmware oracle) reuses these instead of rebuilding them
+        object.__setattr__(self, "_offset", np.asarray(self.offset, dtype=np.float32))
+        object.__setattr__(self, "_scale", np.asarray(self.scale, dtype=np.float32))
+        if self.transpose is not None:
+            object.__setattr__(self, "_batch_axes", (0, *(a + 1 for a in self.transpose)))
         if math.prod(self.model_input_shape) != math.prod(input_shape):
             raise FeatureRuleError(
                 f"feature rule: model_input_shape {list(self.model_input_shape)} holds "
@@ -215,14 +227,12 @@ class FeatureRule:
                 f"feature rule expects a batch of samples of shape {list(self.input_shape)}, "
                 f"got an array of shape {list(x.shape)}"
             )
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        if x.dtype.kind not in _NUMERIC_KINDS:
             raise FeatureRuleError(f"feature rule expects numbers, got dtype {x.dtype}")
         y = x.astype(np.float32)
         if self.transpose is not None:
-            y = y.transpose((0, *(a + 1 for a in self.transpose)))
-        offset = np.asarray(self.offset, dtype=np.float32)
-        scale = np.asarray(self.scale, dtype=np.float32)
-        y = (y - offset) * scale
+            y = y.transpose(self._batch_axes)
+        y = (y - self._offset) * self._scale
         return np.ascontiguousarray(y.reshape((x.shape[0], *self.model_input_shape)))
 
     @classmethod
