@@ -9,15 +9,21 @@ each mode). The Pareto front is taken over validation accuracy (max), flash (min
 reasons. Nothing is registered: the search is recorded as a registry run (kind
 ``search``) with its parameters, the front and the log.
 
-Search runs on this machine's process pool; a Ray backend (``EDGEOPS_RAY_ADDRESS``) is not
-implemented yet.
+When ``EDGEOPS_RAY_ADDRESS`` is set (``local``, ``auto``, ``HOST:PORT`` or
+``ray://HOST:PORT``), the same per-width job runs as Ray tasks instead: see
+:func:`ray_address`. Ray is imported only then (the ``ray`` extra).
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing
+import os
+import re
+import socket
+from collections.abc import Generator, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,9 +46,20 @@ if TYPE_CHECKING:
     from edgeops.registry import Registry
     from edgeops.registry.models import ModelVersionView
 
-__all__ = ["Candidate", "SearchResult", "mark_candidates", "run_search"]
+__all__ = [
+    "RAY_ADDRESS_VARIABLE",
+    "Candidate",
+    "SearchResult",
+    "mark_candidates",
+    "ray_address",
+    "run_search",
+]
 
 DEFAULT_WIDTHS = (0.25, 0.5, 1.0)
+RAY_ADDRESS_VARIABLE = "EDGEOPS_RAY_ADDRESS"
+RAY_LOCAL_OBJECT_STORE_BYTES = 200 * 2**20  # a local instance's object store (jobs: data + model)
+RAY_CONNECT_TIMEOUT_S = 5.0  # TCP check of a HOST:PORT address before Ray's own, longer retries
+_HOST_PORT = re.compile(r"^(?:ray://)?(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d{1,5})$")
 
 
 @dataclass
@@ -157,6 +174,10 @@ class _WidthJob:
     seed: int
 
 
+# each job with its candidates, in the order they finish
+_Completed = Generator[tuple[_WidthJob, list[Candidate]], None, None]
+
+
 def _evaluate_width(job: _WidthJob) -> list[Candidate]:
     """Runs in a worker process: build, prune, quantize and evaluate one width's grid."""
     from edgeops.compress.prune import prune
@@ -209,6 +230,142 @@ def _evaluate_width(job: _WidthJob) -> list[Candidate]:
     return results
 
 
+def ray_address() -> str | None:
+    """The Ray cluster the search runs on: ``EDGEOPS_RAY_ADDRESS``, or None (process pool).
+
+    This is the one place the variable is read. ``local`` starts a Ray instance on this
+    machine for the search and stops it afterwards; ``auto`` joins the instance started here
+    with ``ray start``; ``HOST:PORT`` is a cluster's GCS address and ``ray://HOST:PORT`` its
+    Ray Client server. A malformed value is a :class:`CompressError`.
+    """
+    address = os.environ.get(RAY_ADDRESS_VARIABLE, "").strip()
+    if not address:
+        return None
+    if address not in ("local", "auto") and not _HOST_PORT.match(address):
+        raise CompressError(
+            f"{RAY_ADDRESS_VARIABLE} must be 'local', 'auto', HOST:PORT or ray://HOST:PORT, "
+            f"not {address!r}"
+        )
+    return address
+
+
+def _first_line(reason: object) -> str:
+    lines = str(reason).strip().splitlines()
+    return lines[0] if lines else type(reason).__name__
+
+
+def _unreachable(address: str, reason: object) -> CompressError:
+    """One line: Ray's message, plus the gist of its root cause when it has one."""
+    detail, root = _first_line(reason), reason
+    while isinstance(root, BaseException) and root.__cause__ is not None:
+        root = root.__cause__  # e.g. "Failed to connect to Ray cluster" <- an auth error
+    if root is not reason:  # its message may hold a traceback: the last line is the error
+        last = str(root).strip().splitlines() or [type(root).__name__]
+        detail += f" ({last[-1].split('. ')[0]})"
+    return CompressError(f"cannot reach Ray at {address!r} ({RAY_ADDRESS_VARIABLE}): {detail}")
+
+
+def _bootstrap_target(address: str) -> tuple[str, int] | None:
+    """The host and port Ray will dial for ``address``; None for ``local``.
+
+    ``auto`` is resolved as Ray resolves it (``RAY_ADDRESS``, else the last ``ray start`` on
+    this machine), so a stale record of a stopped instance fails here instead of hanging.
+    """
+    if address == "local":
+        return None
+    if address == "auto":
+        try:  # Ray's own resolution; a private function, so its absence only skips the check
+            from ray._private import services
+
+            resolve: Any = services.canonicalize_bootstrap_address
+        except (ImportError, AttributeError):
+            return None
+        try:
+            address_or_none = resolve("auto")
+        except (ConnectionError, ValueError) as exc:
+            raise _unreachable("auto", exc) from exc
+        if not isinstance(address_or_none, str):
+            return None
+        resolved = address_or_none
+    else:
+        resolved = address
+    found = _HOST_PORT.match(resolved)
+    return None if found is None else (found["host"].strip("[]"), int(found["port"]))
+
+
+@contextmanager
+def _ray_session(address: str, cpus: int) -> Iterator[Any]:
+    """The ``ray`` module, connected to ``address``; disconnected (or stopped) afterwards.
+
+    A connection this process already has (``ray.init`` called by the caller) is used as it
+    is and left open. ``cpus`` sizes a ``local`` instance, as ``workers`` sizes the pool.
+    """
+    try:
+        import ray
+    except ImportError as exc:
+        raise CompressError(
+            f"{RAY_ADDRESS_VARIABLE} is set to {address!r} but ray is not installed; "
+            "install it with pip install 'edgeops[ray]'"
+        ) from exc
+    if ray.is_initialized():
+        yield ray
+        return
+    target = _bootstrap_target(address)
+    if target is not None:  # fail in seconds, not after Ray's minutes of reconnect attempts
+        try:
+            socket.create_connection(target, timeout=RAY_CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise _unreachable(address, exc.strerror or exc) from exc
+    options: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    if address == "local":
+        options |= {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "object_store_memory": RAY_LOCAL_OBJECT_STORE_BYTES,
+        }
+    try:
+        ray.init(address=address, **options)
+    except Exception as exc:
+        raise _unreachable(address, exc) from exc
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _on_ray(ray: Any, address: str, jobs: list[_WidthJob]) -> _Completed:
+    """Each job as a Ray task: 1 CPU, a fresh worker process per job (a clean TensorFlow)."""
+    from ray.exceptions import RayError, RayTaskError
+
+    task = ray.remote(num_cpus=1, max_calls=1)(_evaluate_width)
+    pending = {task.remote(job): job for job in jobs}
+    try:
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready)
+            try:
+                done: list[Candidate] = ray.get(ready)
+            except RayTaskError as exc:  # the job's own error, as the process pool raises it
+                raise exc.cause from exc
+            except RayError as exc:
+                raise CompressError(
+                    f"Ray at {address!r} lost width {job.width:g}: {_first_line(exc)}"
+                ) from exc
+            yield job, done
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def _in_processes(jobs: list[_WidthJob], processes: int) -> _Completed:
+    """Each job in a process pool (``spawn``: every worker has a clean TensorFlow)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        futures = {pool.submit(_evaluate_width, job): job for job in jobs}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
 def _check_grid(
     widths: tuple[float, ...], sparsities: tuple[float, ...], modes: tuple[str, ...]
 ) -> None:
@@ -244,7 +401,10 @@ def run_search(
 
     ``widths`` defaults to 0.25, 0.5 and 1 times the parent's width; ``modes`` to the
     profile's; ``epochs`` (training of other widths) to the parent's training epochs.
-    Raises :class:`NothingFitsError` when no candidate fits (the run is recorded as failed).
+    Jobs run in ``workers`` processes, or as Ray tasks when ``EDGEOPS_RAY_ADDRESS`` is set
+    (:func:`ray_address`; a Ray that cannot be reached is a :class:`CompressError` raised
+    before the run starts). Raises :class:`NothingFitsError` when no candidate fits (the run
+    is recorded as failed).
     """
     from edgeops.compress.service import model_task, score_key
 
@@ -255,6 +415,7 @@ def run_search(
     grid_widths = widths or tuple(sorted({round(parent_width * w, 4) for w in DEFAULT_WIDTHS}))
     grid_modes = modes or profile.modes
     _check_grid(grid_widths, sparsities, grid_modes)
+    address = ray_address()
     training = config.get("training")
     recorded = config.get("epochs") or (
         training.get("epochs") if isinstance(training, dict) else None
@@ -286,7 +447,9 @@ def run_search(
         )
         for width in grid_widths
     ]
+    slots = max(1, min(workers, len(jobs)))
     params = {
+        "backend": "process pool" if address is None else f"ray {address}",
         "model": parent.id,
         "profile": profile.to_dict(),
         "widths": list(grid_widths),
@@ -297,18 +460,20 @@ def run_search(
         "seed": seed,
         "workers": workers,
     }
-    with registry.start_run("search", params) as run:
+    with ExitStack() as stack:
+        if address is None:
+            completed, where = _in_processes(jobs, slots), f"{slots} processes"
+        else:  # connected before the run starts: an unreachable Ray leaves no run behind
+            ray = stack.enter_context(_ray_session(address, slots))
+            completed, where = _on_ray(ray, address, jobs), f"Ray at {address}"
+        run = stack.enter_context(registry.start_run("search", params))
         candidates: list[Candidate] = []
         with Steps(len(jobs), f"search {profile.name}", enabled=progress) as steps:
-            steps.start(f"{len(jobs)} widths on {min(workers, len(jobs))} processes")
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max(1, min(workers, len(jobs))), mp_context=context) as pool:
-                futures = {pool.submit(_evaluate_width, job): job for job in jobs}
-                for future in as_completed(futures):
-                    done = future.result()
-                    run.log(f"width {futures[future].width:g}: {len(done)} candidates evaluated")
-                    candidates.extend(done)
-                    steps.done()
+            steps.start(f"{len(jobs)} widths on {where}")
+            for job, done in stack.enter_context(closing(completed)):
+                run.log(f"width {job.width:g}: {len(done)} candidates evaluated")
+                candidates.extend(done)
+                steps.done()
         candidates.sort(key=lambda c: (c.width, c.sparsity, c.quantization))
         mark_candidates(candidates, profile)
         result = SearchResult(parent.id, profile, metric, candidates, run.id)
