@@ -30,10 +30,7 @@ Results go to bench/results/agent.json and agent.md (written atomically).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,8 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from device_agent.fsio import atomic_write_bytes
+from _results import run_meta, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 100  # samples per alternating block
@@ -342,20 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in (("samples", args.samples), ("threads", args.threads))
         if v != parser.get_default(k)
     )
-    document["meta"] = {
-        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "command": command,
-        "seconds": time.perf_counter() - started,
-        "seed": args.seed,
-    }
+    document["meta"] = run_meta(command, time.perf_counter() - started, seed=args.seed)
     out: Path = args.out
-    atomic_write_bytes(
-        out / "agent.json", (json.dumps(document, indent=2, default=str) + "\n").encode()
-    )
-    atomic_write_bytes(out / "agent.md", markdown(document).encode())
+    write_results(out, "agent", document, markdown(document))
     met = sum(t["met"] for t in document["targets"])
     print(f"{met}/{len(document['targets'])} targets met; see {out / 'agent.md'}")
     return 0

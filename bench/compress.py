@@ -24,10 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.fsio import atomic_write_bytes
+from _results import run_meta, write_results
+
 from edgeops.compress import CompressService, load_profiles, mark_candidates
 from edgeops.compress.search import Candidate
 from edgeops.data import DatasetService
@@ -352,21 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     document = run(args)
-    document["meta"] = {
-        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "command": "python bench/compress.py" + (" --quick" if args.quick else ""),
-        "mode": "quick: fewer epochs" if args.quick else "full",
-        "seconds": time.perf_counter() - started,
-        "seed": args.seed,
-    }
-    out: Path = args.out
-    atomic_write_bytes(
-        out / "compress.json", (json.dumps(document, indent=2, default=str) + "\n").encode()
+    document["meta"] = run_meta(
+        "python bench/compress.py" + (" --quick" if args.quick else ""),
+        time.perf_counter() - started,
+        mode="quick: fewer epochs" if args.quick else "full",
+        seed=args.seed,
     )
-    atomic_write_bytes(out / "compress.md", markdown(document).encode())
+    out: Path = args.out
+    write_results(out, "compress", document, markdown(document))
     met = sum(t["met"] for t in document["targets"])
     print(f"{met}/{len(document['targets'])} targets met; see {out / 'compress.md'}")
     return 0

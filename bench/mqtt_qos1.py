@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import amqtt
 import paho.mqtt.client as paho
+from _results import write_results
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent.link import Message, MqttEndpoint, MqttLink
@@ -259,15 +259,6 @@ def brokers(workdir: Path, ablation: bool) -> list[tuple[str, str, BrokerStarter
     return chosen
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    temporary.replace(path)
-
-
 def markdown(runs: list[Run], args: argparse.Namespace, when: str) -> str:
     command = f"python bench/mqtt_qos1.py --messages {args.messages}"
     command += f" --round-trips {args.round_trips}" + (" --ablation" if args.ablation else "")
@@ -360,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [{**asdict(run), "msgs_per_s": round(run.msgs_per_s, 1)} for run in runs],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomically(RESULTS / "mqtt_qos1.json", json.dumps(document, indent=2) + "\n")
-    write_atomically(RESULTS / "mqtt_qos1.md", markdown(runs, args, when))
+    write_results(RESULTS, "mqtt_qos1", document, markdown(runs, args, when))
     print(f"results: {RESULTS / 'mqtt_qos1.json'}, {RESULTS / 'mqtt_qos1.md'}")
     return 0
 

@@ -1,0 +1,32 @@
+"""What every benchmark writes: the machine it ran on, and its results as JSON + Markdown."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from device_agent.fsio import atomic_write_bytes
+
+
+def run_meta(command: str, seconds: float, **extra: Any) -> dict[str, Any]:
+    """When, where and how a benchmark ran."""
+    return {
+        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "command": command,
+        "seconds": seconds,
+        **extra,
+    }
+
+
+def write_results(out: Path, name: str, document: dict[str, Any], markdown: str) -> None:
+    """``<out>/<name>.json`` and ``<out>/<name>.md``, each written atomically."""
+    payload = json.dumps(document, indent=2, default=str) + "\n"
+    atomic_write_bytes(out / f"{name}.json", payload.encode())
+    atomic_write_bytes(out / f"{name}.md", markdown.encode())
