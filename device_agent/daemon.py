@@ -39,7 +39,6 @@ import platform
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from device_agent.config import AgentSettings
 from device_agent.dispatch import Dispatcher
 from device_agent.errors import AgentError
 from device_agent.fsio import atomic_write_json
+from device_agent.health import HealthEndpoint
 from device_agent.link import Connected, Disconnected, Message, MqttLink, Will
 from device_agent.protocol import (
     QOS,
@@ -59,9 +59,11 @@ from device_agent.protocol import (
     device_topic,
     encode,
 )
-from device_agent.runtime import InputError, ModelBundle, Prediction, Runtime, open_runtime
+from device_agent.runtime import InputError, ModelBundle, Runtime, open_runtime
+from device_agent.shadow import RUN_ERRORS, ChallengerSlot, ChallengerSpec
+from device_agent.shadow import ChallengerError as ChallengerError  # re-exported
 from device_agent.sources import Sample, Source, open_source, reply_document
-from device_agent.telemetry import ShadowResult, WindowAggregator
+from device_agent.telemetry import WindowAggregator
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,6 @@ SAMPLE_BUDGET_S = 0.05  # samples run per loop turn before link events are looke
 ANSWERING_SOURCES = frozenset({"http", "mqtt", "stdin"})  # someone waits for each sample
 DROP_EVENT_INTERVAL_S = 60.0  # at most one "buffer_dropped" event per interval
 EVENT_TYPE = "event"
-
-# errors a runtime may raise on a sample beyond InputError (interpreter failures, numpy)
-_RUN_ERRORS = (AgentError, ValueError, TypeError, RuntimeError, FloatingPointError)
-
-
-class ChallengerError(AgentError):
-    """The desired state names a challenger that cannot run beside the champion."""
 
 
 def detect_hardware() -> dict[str, str]:
@@ -137,8 +132,7 @@ class AgentDaemon:
         # inference: set up by run()
         self.champion: Runtime | None = None
         self.champion_bundle: ModelBundle | None = None
-        self.challenger: Runtime | None = None
-        self.challenger_path: Path | None = None
+        self._challenger_slot = ChallengerSlot()
         self.source: Source | None = None
         self.aggregator: WindowAggregator | None = None
         self.buffer: OfflineBuffer | None = None
@@ -154,7 +148,7 @@ class AgentDaemon:
         self._window_activity = 0  # samples + errors in the open window
         self._drop_event_total = 0  # buffer.dropped_total already reported as an event
         self._drop_event_at = float("-inf")
-        self._health_server: ThreadingHTTPServer | None = None
+        self._health_endpoint: HealthEndpoint | None = None
         self._health_doc: dict[str, Any] = {}
         self._health_lock = threading.Lock()
         self._health_written_at = float("-inf")
@@ -177,7 +171,17 @@ class AgentDaemon:
     @property
     def health_port(self) -> int | None:
         """The port of the local health endpoint once it listens (0 in settings: any)."""
-        return self._health_server.server_address[1] if self._health_server else None
+        return self._health_endpoint.port if self._health_endpoint else None
+
+    @property
+    def challenger(self) -> Runtime | None:
+        """The challenger running in shadow mode, if any."""
+        return self._challenger_slot.runtime
+
+    @property
+    def challenger_path(self) -> Path | None:
+        """The bundle directory the challenger was loaded from, if any."""
+        return self._challenger_slot.path
 
     def stop(self) -> None:
         """Ask the main loop to drain and exit (safe from signal handlers and other threads)."""
@@ -250,30 +254,9 @@ class AgentDaemon:
     def _start_health_server(self) -> None:
         if self.settings.health_port is None:
             return
-        daemon = self
-
-        class HealthHandler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] not in ("/health", "/v1/health"):
-                    self._send(404, {"error": f"no such path {self.path!r}; try /health"})
-                    return
-                self._send(200, daemon.health_snapshot())
-
-            def _send(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body, sort_keys=True).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("health endpoint: " + format, *args)
-
-        server = ThreadingHTTPServer(("127.0.0.1", self.settings.health_port), HealthHandler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="agent-health", daemon=True).start()
-        self._health_server = server
+        endpoint = HealthEndpoint(self.health_snapshot, self.settings.health_port)
+        endpoint.start()
+        self._health_endpoint = endpoint
         log.info("health endpoint on http://127.0.0.1:%d/health", self.health_port)
 
     # -- the loop --------------------------------------------------------------------------
@@ -330,30 +313,21 @@ class AgentDaemon:
         except InputError as exc:
             self._sample_error("input", exc, sample)
             return
-        except _RUN_ERRORS as exc:
+        except RUN_ERRORS as exc:
             self._sample_error("runtime", exc, sample)
             return
         self._reply(sample, reply_document(prediction, champion.model_id))
         self._fold_source_errors()  # errors that came before this sample, in its window
-        shadow = self._shadow(sample, prediction)
+        try:  # the challenger's output never leaves the agent
+            shadow = self._challenger_slot.run(sample.raw, prediction)
+        except RUN_ERRORS as exc:
+            self._count_error("shadow", exc)
+            shadow = None
         aggregator.add(prediction, sample.raw, shadow=shadow)
         self.samples_total += 1
         self._window_activity += 1
         if aggregator.due(time.time()):
             self._close_window()
-
-    def _shadow(self, sample: Sample, champion: Prediction) -> ShadowResult | None:
-        """Run the challenger on the same input; its output never leaves the agent."""
-        challenger = self.challenger
-        if challenger is None:
-            return None
-        try:
-            prediction = challenger.infer(sample.raw)
-        except _RUN_ERRORS as exc:
-            self._count_error("shadow", exc)
-            return None
-        agreed = prediction.label == champion.label
-        return ShadowResult(challenger.model_id, agreed, prediction.latency_s)
 
     def _sample_error(self, kind: str, exc: BaseException, sample: Sample) -> None:
         self._count_error(kind, exc)
@@ -490,18 +464,18 @@ class AgentDaemon:
         if not spec:
             return self._stop_challenger("desired state names no challenger")
         try:
-            model_id, path = self._challenger_spec(spec)
+            wanted = ChallengerSpec.parse(spec, self.settings.challenger_dir)
         except AgentError as exc:
             self._count_error("desired", exc)
             self._event("model_load_failed", role="challenger", error=str(exc))
             log.error("challenger refused: %s", exc)
             return self._stop_challenger("refused")
-        current = self.challenger
-        if current is not None and current.model_id == model_id and self.challenger_path == path:
+        if self._challenger_slot.holds(wanted):
             return False
+        model_id, path = wanted.model_id, wanted.path
         changed = self._stop_challenger(f"replaced by {model_id}")
         try:
-            runtime = self._load_challenger(model_id, path)
+            runtime = self._challenger_slot.load(wanted, self.champion_bundle)
         except AgentError as exc:
             log.error("challenger %s in %s not loaded: %s", model_id, path, exc)
             self._event(
@@ -511,53 +485,18 @@ class AgentDaemon:
             return changed
         if self._window_activity:
             self._close_window()  # a window's shadow field speaks of one challenger
-        self.challenger, self.challenger_path = runtime, path
+        self._challenger_slot.install(runtime, path)
         log.info("challenger %s started in shadow mode (%s)", model_id, runtime.name)
         self._event("challenger_started", model_id=model_id, path=str(path), runtime=runtime.name)
         return True
 
-    def _challenger_spec(self, spec: Any) -> tuple[str, Path]:
-        if not isinstance(spec, dict):
-            raise ChallengerError(f"desired 'challenger' must be an object, got {spec!r}")
-        model_id, raw_path = spec.get("model_id"), spec.get("path")
-        if not isinstance(model_id, str) or not model_id:
-            raise ChallengerError(
-                f"desired challenger: 'model_id' must be a string, got {model_id!r}"
-            )
-        if not isinstance(raw_path, str) or not raw_path:
-            raise ChallengerError(f"desired challenger: 'path' must be a string, got {raw_path!r}")
-        root = self.settings.challenger_dir.resolve()
-        path = (root / raw_path).resolve()
-        if not path.is_relative_to(root):
-            raise ChallengerError(
-                f"desired challenger path {raw_path!r} is outside the models dir {root}"
-            )
-        return model_id, path
-
-    def _load_challenger(self, model_id: str, path: Path) -> Runtime:
-        champion = self.champion_bundle
-        if champion is None:
-            raise ChallengerError("no champion is loaded to compare a challenger with")
-        bundle = ModelBundle.load(path)
-        if bundle.model_id != model_id:
-            raise ChallengerError(
-                f"bundle in {path} holds model {bundle.model_id!r}, desired names {model_id!r}"
-            )
-        if bundle.rule.input_shape != champion.rule.input_shape:
-            raise ChallengerError(
-                f"challenger {model_id} takes input shape {bundle.rule.input_shape}, "
-                f"the champion {champion.model_id} takes {champion.rule.input_shape}"
-            )
-        return open_runtime(bundle)
-
     def _stop_challenger(self, reason: str) -> bool:
-        challenger = self.challenger
+        challenger = self._challenger_slot.runtime
         if challenger is None:
             return False
         if self._window_activity:
             self._close_window()
-        self.challenger, self.challenger_path = None, None
-        challenger.close()
+        self._challenger_slot.stop()
         log.info("challenger %s stopped: %s", challenger.model_id, reason)
         self._event("challenger_stopped", model_id=challenger.model_id, reason=reason)
         return True
@@ -664,9 +603,8 @@ class AgentDaemon:
         self._write_health("stopped")
         if self.buffer is not None:
             self.buffer.close()
-        if self._health_server is not None:
-            self._health_server.shutdown()
-            self._health_server.server_close()
+        if self._health_endpoint is not None:
+            self._health_endpoint.stop()
         log.info("agent %s stopped", self.device_id)
 
     def _flush(self, deadline: float) -> None:
