@@ -29,6 +29,7 @@ from edgeops.compress.service import CompressService
 from edgeops.data import DatasetArrays, DatasetService
 from edgeops.db import Database
 from edgeops.export.card import op_set
+from edgeops.hub.stores import open_stores
 from edgeops.registry import ModelVersionView, Registry
 from edgeops.store import ArtifactStore
 
@@ -53,18 +54,14 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     from edgeops.train.service import TrainService
 
     root = tmp_path_factory.mktemp("edgeops-data")
-    database = Database(f"sqlite:///{root / 'edgeops.db'}")
-    database.upgrade()
-    try:
-        store = ArtifactStore(root / "artifacts")
-        datasets = DatasetService(database, store)
-        registry = Registry(database, store)
+    with open_stores(f"sqlite:///{root / 'edgeops.db'}", root / "artifacts") as stores:
+        datasets, registry = stores.datasets(), stores.registry()
         parent = TrainService(datasets, registry).train(
             "digits", "cnn", epochs=10, seed=SEED, progress=False
         )
-        yield Hub(root, database, datasets, registry, CompressService(datasets, registry), parent)
-    finally:
-        database.dispose()
+        yield Hub(
+            root, stores.database, datasets, registry, CompressService(datasets, registry), parent
+        )
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 
 from device_agent.card import ModelCard
 from edgeops.data import DatasetService, DatasetView
-from edgeops.db import Database
 from edgeops.evaluate import load_runner
 from edgeops.export import (
     ConversionError,
@@ -26,8 +25,8 @@ from edgeops.export import (
     keras_to_tflite_float,
     quantization_mode,
 )
+from edgeops.hub.stores import open_stores
 from edgeops.registry import ModelVersionView, Registry
-from edgeops.store import ArtifactStore
 from edgeops.train import TrainService, build_model
 
 
@@ -45,11 +44,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     from edgeops.train import load_keras
 
     root = tmp_path_factory.mktemp("edgeops-data")
-    database = Database(f"sqlite:///{root / 'edgeops.db'}")
-    database.upgrade()
-    try:
-        store = ArtifactStore(root / "artifacts")
-        datasets, registry = DatasetService(database, store), Registry(database, store)
+    with open_stores(f"sqlite:///{root / 'edgeops.db'}", root / "artifacts") as stores:
+        datasets, registry = stores.datasets(), stores.registry()
         version = TrainService(datasets, registry).train(
             "digits", "cnn", epochs=3, seed=0, progress=False, evaluate_on_runtime=False
         )
@@ -60,8 +56,6 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
             keras_version=version,
             model=load_keras(registry.load_artifact(version.id)),
         )
-    finally:
-        database.dispose()
 
 
 def test_onnx_export_matches_keras_outputs(hub: Hub) -> None:
