@@ -21,6 +21,7 @@ from device_agent.link import MqttEndpoint, TlsFiles, mask_url
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+DAY_S = 86400.0
 
 
 class Settings(FileBackedSettings):
@@ -54,6 +55,23 @@ class Settings(FileBackedSettings):
         default=False, description="local experiments: allows placeholder secrets"
     )
     log_level: LogLevel = "INFO"
+    trust_root_expiry_s: float = Field(
+        default=365 * DAY_S, gt=0, description="lifetime of a new root version (365 days)"
+    )
+    trust_targets_expiry_s: float = Field(
+        default=90 * DAY_S, gt=0, description="lifetime of a new targets version (90 days)"
+    )
+    trust_snapshot_expiry_s: float = Field(
+        default=7 * DAY_S, gt=0, description="lifetime of a new snapshot version (7 days)"
+    )
+    trust_timestamp_expiry_s: float = Field(
+        default=DAY_S,
+        gt=0,
+        description="lifetime of a new timestamp (1 day); the running hub re-signs it at half",
+    )
+    trust_refresh_interval_s: float = Field(
+        default=60.0, gt=0, description="how often the running hub checks for expiring metadata"
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -108,6 +126,11 @@ class Settings(FileBackedSettings):
     def artifacts_dir(self) -> Path:
         """The content-addressed artifact store."""
         return self.data_dir / "artifacts"
+
+    @property
+    def trust_dir(self) -> Path:
+        """The TUF release repository and its online keys (see edgeops.trust)."""
+        return self.data_dir / "trust"
 
     @property
     def mqtt_endpoint(self) -> MqttEndpoint | None:

@@ -21,6 +21,7 @@ from edgeops.cli.compress import compress
 from edgeops.cli.data import data_app
 from edgeops.cli.models import models_app, runs_app
 from edgeops.cli.train import evaluate, export, train
+from edgeops.cli.trust import keys_app, release, releases_app
 from edgeops.config import Settings, load_settings
 from edgeops.errors import ConfigError, EdgeOpsError
 
@@ -49,6 +50,9 @@ app.command("compress")(compress)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("export")(export)
+app.add_typer(keys_app, name="keys")
+app.add_typer(releases_app, name="releases")
+app.command("release")(release)
 
 out = Console()
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]

@@ -1,4 +1,9 @@
-"""``edgeops hub serve``: migrate, connect the MQTT bridge, serve the API until stopped."""
+"""``edgeops hub serve``: migrate, connect the MQTT bridge, serve the API until stopped.
+
+With a release repository (``edgeops keys init``), the hub also answers devices' ``fetch/req``
+(:class:`edgeops.trust.FetchServer`) and re-signs the timestamp before it expires
+(:class:`edgeops.trust.TimestampRefresher`); the API serves the repository over HTTP.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,14 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from edgeops.config import Settings
 from edgeops.errors import ConfigError, EdgeOpsError
+
+if TYPE_CHECKING:
+    from device_agent.link import MqttEndpoint
+    from edgeops.trust import FetchServer, TimestampRefresher
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +47,14 @@ def serve(settings: Settings, host: str, port: int) -> None:
     stop = threading.Event()
     pump = threading.Thread(target=bridge.run, args=(stop,), name="hub-bridge", daemon=True)
     pump.start()
+    fetch_server, refresher = None, None
     try:
+        fetch_server, refresher = _start_trust(settings, endpoint)
         config = uvicorn.Config(
-            create_app(fleet), host=host, port=port, log_level=settings.log_level.lower()
+            create_app(fleet, repository_dir=settings.trust_dir / "repository"),
+            host=host,
+            port=port,
+            log_level=settings.log_level.lower(),
         )
         server = uvicorn.Server(config)
         # uvicorn re-raises the signal that stopped it once it has shut down; a stop by
@@ -54,10 +69,43 @@ def serve(settings: Settings, host: str, port: int) -> None:
         if not server.started:
             raise EdgeOpsError(f"the API could not listen on {host}:{port} (address in use?)")
     finally:
+        if refresher is not None:
+            refresher.stop()
+        if fetch_server is not None:
+            fetch_server.stop()
         stop.set()
         pump.join(timeout=5)
         bridge.stop()
         database.dispose()
+
+
+def _start_trust(
+    settings: Settings, endpoint: MqttEndpoint
+) -> tuple[FetchServer | None, TimestampRefresher | None]:
+    """With a release repository under ``settings.trust_dir``: the MQTT fetch server (its own
+    link, client id ``<hub id>-fetch``) and the timestamp refresher, both running."""
+    from edgeops.trust import FetchServer, TimestampRefresher, repository_for
+
+    repository = repository_for(settings)
+    if not repository.exists():
+        log.info("no release repository in %s: not serving fetch requests", repository.root_dir)
+        return None, None
+    refresher = TimestampRefresher(repository, interval_s=settings.trust_refresh_interval_s)
+    refresher.check()
+    refresher.start()
+    fetch_server = FetchServer(
+        repository.repository_dir,
+        endpoint,
+        client_id=f"{settings.mqtt_client_id[:58]}-fetch",
+        tls=settings.tls_files,
+    )
+    try:
+        fetch_server.start()
+    except BaseException:
+        refresher.stop()
+        raise
+    log.info("serving the release repository %s over MQTT", repository.repository_dir)
+    return fetch_server, refresher
 
 
 def _stopping(signum: int, frame: FrameType | None) -> None:

@@ -1,0 +1,118 @@
+"""Reading the repository's files for devices, safely: by offset, no symlinks, no way out.
+
+Both transports (the MQTT fetch server and the HTTP routes) read through :func:`read_range`:
+the path must be a wire path (``metadata/...`` or ``targets/...``, checked by
+:func:`device_agent.fetch.wire.validate_path`), no component of it may be a symbolic link,
+and the file must be a regular file inside ``repository_dir``. Only the bytes asked for are
+read (``os.pread``), never the whole file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from device_agent.errors import ProtocolError
+from device_agent.fetch.wire import validate_path
+
+__all__ = [
+    "FileRange",
+    "RepositoryFileNotFoundError",
+    "iter_range",
+    "open_file",
+    "read_range",
+    "repository_file_size",
+]
+
+
+class RepositoryFileNotFoundError(LookupError):
+    """No regular file at that path (or one reached through a symbolic link)."""
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """``data`` = ``file[offset:offset + len(data)]``; ``total`` is the file's size."""
+
+    offset: int
+    total: int
+    data: bytes
+
+
+def open_file(repository_dir: Path, path: str) -> int:
+    """A read-only descriptor of ``repository_dir/path`` (raises ProtocolError for a bad
+    path, RepositoryFileNotFoundError if there is no regular file there)."""
+    validate_path(path)
+    directory = os.open(repository_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        *parents, name = path.split("/")
+        for part in parents:  # walk down without following any symbolic link
+            try:
+                child = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory
+                )
+            except OSError as exc:
+                raise RepositoryFileNotFoundError(path) from exc
+            os.close(directory)
+            directory = child
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
+                raise RepositoryFileNotFoundError(path) from exc
+            raise
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RepositoryFileNotFoundError(path)
+    return fd
+
+
+def repository_file_size(repository_dir: Path, path: str) -> int:
+    """The size of a servable file (same checks as :func:`read_range`)."""
+    fd = open_file(repository_dir, path)
+    try:
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def read_range(repository_dir: Path, path: str, offset: int, length: int) -> FileRange:
+    """Up to ``length`` bytes of ``path`` from ``offset`` (fewer at the end of the file;
+    none at or past it)."""
+    if offset < 0 or length < 0:
+        raise ProtocolError(f"byte range {offset}+{length} of {path!r} is negative")
+    fd = open_file(repository_dir, path)
+    try:
+        total = os.fstat(fd).st_size
+        wanted = min(length, max(0, total - offset))
+        parts: list[bytes] = []
+        got = 0
+        while got < wanted:
+            part = os.pread(fd, wanted - got, offset + got)
+            if not part:
+                break  # the file shrank under us: serve what there is
+            parts.append(part)
+            got += len(part)
+        data = b"".join(parts)
+    finally:
+        os.close(fd)
+    return FileRange(offset=offset, total=total, data=data)
+
+
+def iter_range(fd: int, offset: int, length: int, chunk_bytes: int = 64 * 1024) -> Iterator[bytes]:
+    """``length`` bytes of the open file ``fd`` from ``offset``, in chunks; closes ``fd``."""
+    try:
+        position, end = offset, offset + length
+        while position < end:
+            part = os.pread(fd, min(chunk_bytes, end - position), position)
+            if not part:
+                return
+            position += len(part)
+            yield part
+    finally:
+        os.close(fd)
