@@ -10,11 +10,12 @@ so both programs read files and report errors the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -25,6 +26,7 @@ from pydantic_settings import (
 )
 
 from device_agent.errors import ConfigError, ProtocolError
+from device_agent.fsio import atomic_write_bytes
 from device_agent.link import MqttEndpoint, TlsFiles, mask_url
 from device_agent.protocol import validate_device_id
 from device_agent.sources import SourceConfig
@@ -195,6 +197,31 @@ class AgentSettings(FileBackedSettings):
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="on SIGTERM, how long to wait for the broker's acks"
     )
+    trust_root_file: Path | None = Field(
+        default=None,
+        description="the hub's TUF root.json, provisioned out of band; copied to "
+        "<state_dir>/trust/metadata/root.json on first start (without a trusted root every "
+        "update is refused)",
+    )
+    update_transport: Literal["mqtt", "http"] = Field(
+        default="mqtt",
+        description="how TUF metadata and targets are fetched: over this device's MQTT fetch "
+        "topics, or from the hub's HTTP API (hub_url)",
+    )
+    hub_url: str | None = Field(
+        default=None, description="the hub's HTTP API, http(s)://host:port, for update_transport"
+    )
+    update_health_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="seconds a new model must run healthy after activation before it is committed",
+    )
+    update_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="tries of one update (transient failures, interrupted starts) before it "
+        "is given up and rolled back",
+    )
 
     @field_validator("device_id")
     @classmethod
@@ -218,7 +245,7 @@ class AgentSettings(FileBackedSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("model_dir", "models_dir")
+    @field_validator("model_dir", "models_dir", "trust_root_file")
     @classmethod
     def _expand_optional(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
@@ -233,6 +260,17 @@ class AgentSettings(FileBackedSettings):
     def _some_window_bound(self) -> Self:
         if self.window_samples is None and self.window_seconds is None:
             raise ValueError("window_samples and window_seconds are both unset; set at least one")
+        return self
+
+    @model_validator(mode="after")
+    def _http_transport_needs_hub_url(self) -> Self:
+        if self.update_transport == "http":
+            if not self.hub_url:
+                raise ValueError("update_transport = 'http' needs hub_url (http://host:port)")
+            if not self.hub_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"hub_url must start with http:// or https://, got {self.hub_url!r}"
+                )
         return self
 
     @model_validator(mode="after")
@@ -256,6 +294,35 @@ class AgentSettings(FileBackedSettings):
     def state_dir(self) -> Path:
         """Where this agent keeps its own files."""
         return self.data_dir / "agents" / self.device_id
+
+    @property
+    def trust_dir(self) -> Path:
+        """The device's TUF client state: ``metadata/`` (trusted root and the rest)."""
+        return self.state_dir / "trust"
+
+    def provision_trust_root(self) -> Path | None:
+        """Copy ``trust_root_file`` in as the trusted root on first start; its path, or None.
+
+        A root already there is kept: after a root rotation it is newer than the provisioned
+        file. ConfigError if the file is missing or is not a TUF root document.
+        """
+        installed = self.trust_dir / "metadata" / "root.json"
+        if installed.exists() or self.trust_root_file is None:
+            return installed if installed.exists() else None
+        source = self.trust_root_file
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"trust_root_file {source}: cannot read: {exc}") from None
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"trust_root_file {source}: not valid JSON: {exc}") from None
+        signed = document.get("signed") if isinstance(document, dict) else None
+        if not isinstance(signed, dict) or signed.get("_type") != "root":
+            raise ConfigError(f"trust_root_file {source}: not a TUF root metadata document")
+        atomic_write_bytes(installed, data)
+        return installed
 
     @property
     def challenger_dir(self) -> Path:

@@ -20,6 +20,13 @@ the same inputs; its outputs are never returned, only its agreement with the cha
 its latency go into the window's ``shadow`` field. Windows and events are written to the
 :class:`OfflineBuffer` first and deleted only once the broker acknowledged them.
 
+The champion is the bundle in the active model slot (``<state_dir>/slots``; the configured
+``model_dir`` seeds slot a on the first start). A desired ``release`` hands the update to the
+:class:`~device_agent.updater.service.UpdateService`: it runs on a worker thread, ``fetch/res``
+payloads go to its fetcher, every transition is an ``update`` event through the offline
+buffer, and the champion swap it asks for is done here, on the main loop, between samples.
+``state`` reports ``update_state`` and the slots.
+
 Bad input (wrong shape, NaN, garbage from the source, a malformed desired document) is
 answered with an error where the source can take answers, counted in the window's ``errors``
 and never stops the loop.
@@ -46,7 +53,7 @@ from device_agent._version import __version__
 from device_agent.buffer import BufferDrain, OfflineBuffer
 from device_agent.config import AgentSettings
 from device_agent.dispatch import Dispatcher
-from device_agent.errors import AgentError
+from device_agent.errors import AgentError, ProtocolError
 from device_agent.fsio import atomic_write_json
 from device_agent.health import HealthEndpoint
 from device_agent.link import Connected, Disconnected, Message, MqttLink, Will
@@ -64,6 +71,8 @@ from device_agent.shadow import RUN_ERRORS, ChallengerSlot, ChallengerSpec
 from device_agent.shadow import ChallengerError as ChallengerError  # re-exported
 from device_agent.sources import Sample, Source, open_source, reply_document
 from device_agent.telemetry import WindowAggregator
+from device_agent.updater.service import UpdateService
+from device_agent.updater.updater import ChampionHealth, Transition
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +137,24 @@ class AgentDaemon:
         )
         self.link.subscribe(device_topic(self.device_id, Channel.DESIRED), QOS)
         self.dispatcher.on_raw(Channel.DESIRED, self._on_desired)
+        self._fetch_res_topic = device_topic(self.device_id, Channel.FETCH_RES)
+        self.link.subscribe(self._fetch_res_topic, QOS)
+        self._state_changed = threading.Event()  # set by the updater's thread: re-publish
+        self.updates = UpdateService(
+            settings,
+            self.hardware,
+            swap=self._swap_champion,
+            health=self._champion_health,
+            report=self._report_update,
+            send_fetch=self._send_fetch,
+        )
 
         # inference: set up by run()
         self.champion: Runtime | None = None
         self.champion_bundle: ModelBundle | None = None
         self._challenger_slot = ChallengerSlot()
         self.source: Source | None = None
+        self._source_shape: tuple[int, ...] = ()
         self.aggregator: WindowAggregator | None = None
         self.buffer: OfflineBuffer | None = None
         self.drain: BufferDrain | None = None
@@ -193,10 +214,12 @@ class AgentDaemon:
         log.info("agent %s starting, broker %s", self.device_id, self.link.endpoint.url)
         self._open_buffer()
         try:
-            self._start_inference()
+            champion_dir = self.updates.boot()  # the resume map runs before any model loads
+            self._start_inference(champion_dir)
             self._start_health_server()
             self.link.start()
             self._write_health("connecting")
+            self.updates.start()
             while not self._stop.is_set():
                 self._turn()
         finally:
@@ -215,9 +238,9 @@ class AgentDaemon:
             log.error("offline buffer %s was corrupt; moved to %s, started afresh", path, moved)
             self._event("buffer_corruption_recovered", path=str(path), moved_to=str(moved))
 
-    def _start_inference(self) -> None:
-        """Load the champion and open the source; a failure is reported, never fatal."""
-        model_dir = self.settings.model_dir
+    def _start_inference(self, model_dir: Path | None) -> None:
+        """Load the champion from ``model_dir`` (the active slot, else the configured
+        bundle) and open the source; a failure is reported, never fatal."""
         if model_dir is None:
             return
         try:
@@ -228,7 +251,25 @@ class AgentDaemon:
             log.error("champion model in %s not loaded: %s", model_dir, exc)
             self._event("model_load_failed", role="champion", path=str(model_dir), error=str(exc))
             return
+        self._install_champion(bundle, runtime)
+        log.info("champion %s loaded (%s)", runtime.model_id, runtime.name)
+        if self.settings.source is None:
+            log.warning("no source configured: the champion waits for nothing to run on")
+            return
+        kind = self.settings.source.kind
+        try:
+            self.source = open_source(self.settings.source, bundle.rule.input_shape)
+            self._source_shape = bundle.rule.input_shape
+        except AgentError as exc:  # a missing file, a port in use: reported, not fatal
+            self._source_error = str(exc)
+            log.error("source %s not opened: %s", kind, exc)
+            self._event("source_failed", kind=kind, error=str(exc))
+            return
+        log.info("source %s open", kind)
+
+    def _install_champion(self, bundle: ModelBundle, runtime: Runtime) -> None:
         self.champion_bundle, self.champion = bundle, runtime
+        self._model_error = None
         self.aggregator = WindowAggregator(
             self.device_id,
             runtime.model_id,
@@ -237,19 +278,53 @@ class AgentDaemon:
             window_seconds=self.settings.window_seconds,
             raw_sample_rate=self.settings.raw_sample_rate,
         )
-        log.info("champion %s loaded (%s)", runtime.model_id, runtime.name)
-        if self.settings.source is None:
-            log.warning("no source configured: the champion waits for nothing to run on")
-            return
-        kind = self.settings.source.kind
-        try:
-            self.source = open_source(self.settings.source, bundle.rule.input_shape)
-        except AgentError as exc:  # a missing file, a port in use: reported, not fatal
-            self._source_error = str(exc)
-            log.error("source %s not opened: %s", kind, exc)
-            self._event("source_failed", kind=kind, error=str(exc))
-            return
-        log.info("source %s open", kind)
+
+    # -- the updater's hooks ---------------------------------------------------------------
+
+    def _swap_champion(self, bundle_dir: Path | None) -> None:
+        """Replace the champion with the bundle in ``bundle_dir`` (main loop thread only).
+
+        AgentError, the old champion kept, if the new one does not load or cannot serve the
+        open source (another raw input shape).
+        """
+        if bundle_dir is None:
+            bundle, runtime = None, None
+        else:
+            bundle = ModelBundle.load(bundle_dir)
+            if self.source is not None and bundle.rule.input_shape != self.source_shape:
+                raise AgentError(
+                    f"the model in {bundle_dir} takes raw samples of shape "
+                    f"{list(bundle.rule.input_shape)}, the source gives {list(self.source_shape)}"
+                )
+            runtime = open_runtime(bundle)
+        if self._window_activity:
+            self._close_window()  # a window speaks of one champion
+        old = self.champion
+        if bundle is None or runtime is None:
+            self.champion_bundle, self.champion, self.aggregator = None, None, None
+        else:
+            self._install_champion(bundle, runtime)
+            log.info("champion %s activated from %s", runtime.model_id, bundle_dir)
+        if old is not None:
+            old.close()
+        self._state_changed.set()
+
+    @property
+    def source_shape(self) -> tuple[int, ...]:
+        """The raw sample shape the open source was opened with."""
+        return self._source_shape
+
+    def _champion_health(self) -> ChampionHealth:
+        champion = self.champion
+        return ChampionHealth(champion.model_id if champion else None, self.errors["runtime"])
+
+    def _report_update(self, transition: Transition) -> None:
+        """An updater transition (worker thread): an ``update`` event, and a state re-publish."""
+        self._event("update", **transition.detail())
+        self._state_changed.set()
+
+    def _send_fetch(self, payload: bytes) -> None:
+        self.link.publish(device_topic(self.device_id, Channel.FETCH_REQ), payload, qos=QOS)
 
     def _start_health_server(self) -> None:
         if self.settings.health_port is None:
@@ -263,6 +338,7 @@ class AgentDaemon:
 
     def _turn(self) -> None:
         """One turn of the main loop."""
+        self.updates.pump()
         if self.champion is None:
             event = self.link.get(timeout_s=0.25)
             if event is not None:
@@ -409,7 +485,7 @@ class AgentDaemon:
             max_items=self.settings.buffer_max_items,
         )
 
-    def _event(self, event: str, **detail: Any) -> None:
+    def _event(self, event: str, /, **detail: Any) -> None:
         """Queue an ``events`` message in the offline buffer."""
         if self.buffer is None:
             return
@@ -444,6 +520,8 @@ class AgentDaemon:
         elif isinstance(event, Disconnected):
             log.warning("disconnected (%s); reconnecting", event.reason)
             self._write_health("connecting")
+        elif event.topic == self._fetch_res_topic:  # binary frames, not JSON documents
+            self.updates.deliver(event.payload)
         else:
             self.dispatcher.dispatch(event)
 
@@ -453,6 +531,11 @@ class AgentDaemon:
         log.info("desired state received", extra={"desired_keys": sorted(document)})
         if self.set_challenger(document.get("challenger")):
             self._publish_state()
+        try:
+            self.updates.on_desired(document)
+        except ProtocolError as exc:
+            self._count_error("desired", exc)
+            log.error("desired release refused: %s", exc)
 
     def set_challenger(self, spec: Any) -> bool:
         """Start, keep or stop the challenger named by ``spec``; True if the slots changed.
@@ -504,16 +587,19 @@ class AgentDaemon:
     # -- state and health ------------------------------------------------------------------
 
     def slots(self) -> dict[str, Any]:
-        """The loaded models, as reported in ``state``."""
-        slots: dict[str, Any] = {}
+        """The loaded models and the A/B slots (``active``, ``a``, ``b``), as reported in
+        ``state``."""
+        slots: dict[str, Any] = self.updates.slots_report()
         for role, runtime in (("champion", self.champion), ("challenger", self.challenger)):
             if runtime is not None:
                 slots[role] = {"model_id": runtime.model_id, "runtime": runtime.name}
         return slots
 
     def _heartbeat(self) -> None:
-        due = self._state_published_at is None or (
-            time.monotonic() - self._state_published_at >= self.settings.heartbeat_s
+        due = (
+            self._state_published_at is None
+            or time.monotonic() - self._state_published_at >= self.settings.heartbeat_s
+            or self._state_changed.is_set()
         )
         if due and self.link.connected:
             self._publish_state()
@@ -522,11 +608,13 @@ class AgentDaemon:
             self._write_health(self._status())  # the counters stay current while offline
 
     def _publish_state(self) -> None:
+        self._state_changed.clear()
         report = StateReport(
             device_id=self.device_id,
             agent_version=__version__,
             hardware=self.hardware,
             slots=self.slots(),
+            update_state=str(self.updates.state),
             health="model_error" if self._model_error else "ok",
             free_memory_bytes=_meminfo_bytes("MemAvailable"),
         )
@@ -556,6 +644,7 @@ class AgentDaemon:
             "dropped_messages": dict(self.dispatcher.dropped),
             "desired_seen": self.desired is not None,
             "slots": self.slots(),
+            "update_state": str(self.updates.state),
             "model_error": self._model_error,
             "source_error": self._source_error,
             "samples": self.samples_total,
@@ -575,6 +664,7 @@ class AgentDaemon:
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self.settings.shutdown_grace_s
+        self.updates.stop()  # an update in progress is resumed at the next start
         source = self.source
         if source is not None:
             if source.kind in ANSWERING_SOURCES and not self._source_done:

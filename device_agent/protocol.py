@@ -230,9 +230,53 @@ class Presence(Document):
         )
 
 
+@dataclass
+class Event(Document):
+    """One agent event (not retained), numbered by the agent's offline buffer (``seq``)."""
+
+    TYPE: ClassVar[str] = "event"
+    _FIELDS: ClassVar[set[str]] = {"device_id", "seq", "event", "ts", "detail"}
+
+    device_id: str
+    seq: int
+    event: str
+    ts: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._envelope(
+            {
+                "device_id": self.device_id,
+                "seq": self.seq,
+                "event": self.event,
+                "ts": self.ts,
+                "detail": dict(self.detail),
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        doc = "event"
+        seq = _require(data, "seq", int, doc)
+        if seq < 1:
+            raise ProtocolError(f"{doc}: field 'seq' must be at least 1, got {seq}")
+        name = _require(data, "event", str, doc)
+        if not name or len(name) > 64:
+            raise ProtocolError(f"{doc}: field 'event' must hold 1-64 characters")
+        return cls(
+            device_id=validate_device_id(_require(data, "device_id", str, doc)),
+            seq=seq,
+            event=name,
+            ts=float(_require(data, "ts", (int, float), doc)),
+            detail=dict(_require(data, "detail", dict, doc)),
+            extra=cls._extra(data, cls._FIELDS),
+        )
+
+
 DOCUMENTS: dict[Channel, type[Document]] = {
     Channel.STATE: StateReport,
     Channel.PRESENCE: Presence,
+    Channel.EVENTS: Event,
 }
 
 
@@ -252,7 +296,7 @@ def decode_object(payload: bytes) -> dict[str, Any]:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
         data = json.loads(payload, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"payload is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ProtocolError(f"payload must be a JSON object, got {type(data).__name__}")

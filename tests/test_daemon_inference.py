@@ -427,7 +427,9 @@ def test_runtime_input_errors_are_answered_and_counted(
         "mqtt://127.0.0.1:1", isolated_environment, "edge-5", int8_model_dir, window_samples=10
     )
     daemon = AgentDaemon(settings)
-    daemon._start_inference()  # the champion, without the loop: the test feeds samples
+    daemon._start_inference(
+        settings.model_dir
+    )  # the champion, without the loop: the test feeds samples
     try:
         answers: list[dict[str, Any]] = []
         bad = np.full(64, np.nan, dtype=np.float32)
@@ -585,7 +587,7 @@ def test_the_buffer_bound_drops_the_oldest_and_reports_the_loss(
     daemon = AgentDaemon(settings)
     settings.state_dir.mkdir(parents=True)
     daemon._open_buffer()
-    daemon._start_inference()
+    daemon._start_inference(settings.model_dir)
     buffer = daemon.buffer
     assert buffer is not None and daemon.champion is not None
     try:

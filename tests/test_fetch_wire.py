@@ -79,6 +79,7 @@ def _request(**fields: object) -> bytes:
     [
         (b"\xff\xfe", "not valid UTF-8 JSON"),
         (b"[1, 2]", "must be a JSON object"),
+        (b"[" * 2000 + b"]" * 2000, "not valid UTF-8 JSON"),  # nesting past the recursion limit
         (_request(schema=2), "schema 2"),
         (_request(type="fetch_res"), "expected 'fetch_req'"),
         (_request(offset=-1), "negative"),
@@ -100,6 +101,7 @@ def test_malformed_requests_are_refused(payload: bytes, reason: str) -> None:
     ("payload", "reason"),
     [
         (b'{"schema":1}', "no header line"),
+        (b"[" * 2000 + b"]" * 2000 + b"\n", "not valid UTF-8 JSON"),  # nesting past the limit
         (b"not json\nabc", "not valid UTF-8 JSON"),
         (b'{"schema":1,"type":"fetch_req"}\n', "expected 'fetch_res'"),
         (

@@ -159,7 +159,7 @@ def _dumps(document: dict[str, Any]) -> bytes:
 def _object(text: bytes, what: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"{what} is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(data).__name__}")

@@ -1,6 +1,6 @@
-"""The fleet: device twins as reported over MQTT (state, presence), stored in the database."""
+"""The fleet: device twins as reported over MQTT (state, presence, events), in the database."""
 
-from edgeops.fleet.models import Device, DeviceView
+from edgeops.fleet.models import Device, DeviceEventRecord, DeviceEventView, DeviceView
 from edgeops.fleet.service import FleetService
 
-__all__ = ["Device", "DeviceView", "FleetService"]
+__all__ = ["Device", "DeviceEventRecord", "DeviceEventView", "DeviceView", "FleetService"]

@@ -1,8 +1,11 @@
-"""The fleet's tables and read models: one device twin per row.
+"""The fleet's tables and read models: one device twin per row, and the devices' events.
 
 DeviceBase      the fields every device form shares
 ├── Device      the ``devices`` table
 └── DeviceView  what services hand out (API, CLI): plain data, ``to_dict()`` for JSON
+DeviceEventBase     what a stored event records
+├── DeviceEventRecord   the ``device_events`` table, primary key (device_id, seq)
+└── DeviceEventView     what services hand out
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Self
 
+import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
 from edgeops.db.types import JSONDocument, UTCDateTime, utcnow
@@ -34,6 +38,12 @@ class DeviceBase(SQLModel):
     )
     state_ts: float | None = Field(default=None, description="ts of the last applied report")
     presence_ts: float | None = Field(default=None, description="ts of the last applied presence")
+    update_state: str | None = Field(
+        default=None, max_length=32, description="updater state of the newest update event"
+    )
+    update_seq: int | None = Field(
+        default=None, sa_type=sa.BigInteger, description="seq of the newest applied update event"
+    )
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -50,6 +60,45 @@ class DeviceView(DeviceBase):
     @classmethod
     def from_device(cls, device: Device) -> Self:
         return cls.model_validate(device, from_attributes=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: datetimes as ISO 8601 strings in UTC."""
+        return self.model_dump(mode="json")
+
+
+EVENT_NAME_MAX_LENGTH = 64
+
+
+class DeviceEventBase(SQLModel):
+    device_id: str = Field(primary_key=True, max_length=DEVICE_ID_MAX_LENGTH)
+    seq: int = Field(
+        primary_key=True,
+        sa_type=sa.BigInteger,
+        sa_column_kwargs={"autoincrement": False},
+        description="the device's persistent sequence number of the message",
+    )
+    event: str = Field(max_length=EVENT_NAME_MAX_LENGTH, index=True, description="event name")
+    ts: float = Field(description="device time (Unix seconds) of the event")
+    detail: dict[str, Any] = Field(
+        default_factory=dict, sa_type=JSONDocument, description="the event's detail object"
+    )
+    received_at: datetime = Field(
+        default_factory=utcnow, sa_type=UTCDateTime, description="hub time it was stored"
+    )
+
+
+class DeviceEventRecord(DeviceEventBase, table=True):
+    """A stored event. Written by :class:`~edgeops.fleet.FleetService` only."""
+
+    __tablename__ = "device_events"
+
+
+class DeviceEventView(DeviceEventBase):
+    """An event as services hand it out, detached from any session."""
+
+    @classmethod
+    def from_record(cls, record: DeviceEventRecord) -> Self:
+        return cls.model_validate(record, from_attributes=True)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: datetimes as ISO 8601 strings in UTC."""

@@ -1,4 +1,4 @@
-"""The fleet service: device twins from state and presence messages, one transaction each.
+"""The fleet service: device twins from state, presence and event messages, one transaction each.
 
 MQTT delivers at least once, and a retained message comes again on every subscription, so
 the same message can arrive twice and an older one after a newer one. Each device row keeps
@@ -6,6 +6,10 @@ the device's ``ts`` of the last applied state report and presence; a message is 
 if it is newer, so replays and duplicates change nothing. The check and the write are one
 ``INSERT ... ON CONFLICT DO UPDATE ... WHERE`` statement: hub processes sharing one
 PostgreSQL cannot interleave between them.
+
+Events are stored once per (device_id, seq) (``INSERT ... ON CONFLICT DO NOTHING``); an
+``update`` event also sets the device's ``update_state`` if its seq is the newest seen, in the
+same transaction.
 
 A document that cannot be ordered or stored (a ``ts`` or a value that is NaN or infinite,
 which Python's JSON parser accepts but JSON and PostgreSQL's JSONB do not) raises
@@ -27,11 +31,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
-from device_agent.protocol import Presence, StateReport, validate_device_id
+from device_agent.protocol import Event, Presence, StateReport, validate_device_id
 from edgeops.db import Database
 from edgeops.db.types import utcnow
 from edgeops.errors import NotFoundError, ProtocolError
-from edgeops.fleet.models import Device, DeviceView
+from edgeops.fleet.models import Device, DeviceEventRecord, DeviceEventView, DeviceView
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,89 @@ class FleetService:
             )
         return applied
 
+    def record_event(self, event: Event) -> bool:
+        """Store ``event`` once; False, changing nothing, if (device, seq) is already stored.
+
+        An ``update`` event whose ``detail.state`` is a string also becomes the device's
+        ``update_state`` (creating the device if unknown), unless a newer update event (higher
+        seq) was applied already.
+        """
+        device_id = validate_device_id(event.device_id)
+        if event.seq < 1:
+            raise ProtocolError(f"event of {device_id!r}: field 'seq' must be at least 1")
+        if not math.isfinite(event.ts):
+            raise ProtocolError(f"event {event.seq} of {device_id!r}: field 'ts' is not finite")
+        _require_json(event.detail, f"event {event.seq} of {device_id!r}")
+        now = self._clock()
+        row = {
+            "device_id": device_id,
+            "seq": event.seq,
+            "event": event.event,
+            "ts": event.ts,
+            "detail": dict(event.detail),
+            "received_at": now,
+        }
+        state = event.detail.get("state") if event.event == "update" else None
+        if state is not None and (not isinstance(state, str) or not 0 < len(state) <= 32):
+            raise ProtocolError(
+                f"update event {event.seq} of {device_id!r}: detail 'state' must be a short "
+                f"string, got {state!r}"
+            )
+        with self._db.session() as session:
+            insert = (
+                _insert_event(session)
+                .values(**row)
+                .on_conflict_do_nothing(
+                    index_elements=[col(DeviceEventRecord.device_id), col(DeviceEventRecord.seq)]
+                )
+                .returning(col(DeviceEventRecord.seq))
+            )
+            stored = session.exec(insert).first() is not None
+            if stored and state is not None:
+                upsert = _insert(session).values(
+                    device_id=device_id,
+                    update_state=state,
+                    update_seq=event.seq,
+                    updated_at=now,
+                    online=False,
+                    last_seen=None,
+                    agent_version=None,
+                    hardware={},
+                    reported={},
+                    state_ts=None,
+                    presence_ts=None,
+                    created_at=now,
+                )
+                upsert = upsert.on_conflict_do_update(
+                    index_elements=[col(Device.device_id)],
+                    set_={
+                        "update_state": upsert.excluded.update_state,
+                        "update_seq": upsert.excluded.update_seq,
+                        "updated_at": upsert.excluded.updated_at,
+                    },
+                    where=sa.or_(
+                        col(Device.update_seq).is_(None),
+                        col(Device.update_seq) < upsert.excluded.update_seq,
+                    ),
+                )
+                session.exec(upsert)
+        if not stored:
+            log.debug("event %d of %s is a duplicate; ignored", event.seq, device_id)
+        return stored
+
+    def list_events(
+        self, device_id: str, *, event: str | None = None, limit: int | None = None
+    ) -> list[DeviceEventView]:
+        """The stored events of ``device_id`` (only ``event`` ones if given), oldest first."""
+        query = select(DeviceEventRecord).where(col(DeviceEventRecord.device_id) == device_id)
+        if event is not None:
+            query = query.where(col(DeviceEventRecord.event) == event)
+        query = query.order_by(col(DeviceEventRecord.seq))
+        if limit is not None:
+            query = query.limit(limit)
+        with self._db.session() as session:
+            return [DeviceEventView.from_record(r) for r in session.exec(query).all()]
+
     def list_devices(self) -> list[DeviceView]:
         """Every known device, sorted by device id (code point order, on any database)."""
         with self._db.session() as session:
@@ -173,3 +260,10 @@ def _insert(session: Session) -> postgresql.Insert | sqlite.Insert:
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(Device)
     return sqlite.insert(Device)
+
+
+def _insert_event(session: Session) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT into device_events in the dialect of ``session``."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(DeviceEventRecord)
+    return sqlite.insert(DeviceEventRecord)

@@ -1,4 +1,5 @@
-"""The hub's MQTT bridge: device state, presence and telemetry in, through the services, to the DB.
+"""The hub's MQTT bridge: device state, presence, telemetry and events in, through the services,
+to the DB.
 
 The bridge owns one :class:`MqttLink` with the hub's own identity. :meth:`pump` runs on the
 owner's thread, decodes what the link queued and calls the services; malformed payloads are
@@ -19,7 +20,15 @@ import time
 from device_agent.dispatch import Dispatcher
 from device_agent.errors import LinkError
 from device_agent.link import Connected, Disconnected, MqttEndpoint, MqttLink, TlsFiles
-from device_agent.protocol import QOS, Channel, Document, Presence, StateReport, subscription
+from device_agent.protocol import (
+    QOS,
+    Channel,
+    Document,
+    Event,
+    Presence,
+    StateReport,
+    subscription,
+)
 from device_agent.telemetry import TelemetryWindow
 from edgeops.errors import BrokerError, DatabaseError
 from edgeops.fleet import FleetService
@@ -29,7 +38,8 @@ log = logging.getLogger(__name__)
 
 
 class HubBridge:
-    """Subscribes to every device's ``state``, ``presence`` and ``telemetry`` and records them.
+    """Subscribes to every device's ``state``, ``presence``, ``telemetry`` and ``events`` and
+    records them (events once per (device, seq); ``update`` events set the update state).
 
     ``telemetry`` defaults to a :class:`TelemetryService` on the fleet service's database.
     """
@@ -49,10 +59,12 @@ class HubBridge:
         self.dispatcher = Dispatcher()
         self.store_errors = 0
         self.duplicate_windows = 0  # telemetry windows delivered again, ignored
+        self.duplicate_events = 0  # events delivered again, ignored
         self.dispatcher.on(Channel.STATE, self._on_state)
         self.dispatcher.on(Channel.PRESENCE, self._on_presence)
         self.dispatcher.on(Channel.TELEMETRY, self._on_telemetry)
-        for channel in (Channel.STATE, Channel.PRESENCE, Channel.TELEMETRY):
+        self.dispatcher.on(Channel.EVENTS, self._on_event)
+        for channel in (Channel.STATE, Channel.PRESENCE, Channel.TELEMETRY, Channel.EVENTS):
             self.link.subscribe(subscription(channel), QOS)
 
     def start(self, wait_s: float = 10.0) -> None:
@@ -105,3 +117,8 @@ class HubBridge:
         assert isinstance(document, TelemetryWindow)
         if not self.telemetry.record(document):
             self.duplicate_windows += 1
+
+    def _on_event(self, device_id: str, document: Document) -> None:
+        assert isinstance(document, Event)
+        if not self.fleet.record_event(document):
+            self.duplicate_events += 1
