@@ -327,7 +327,7 @@ class ModelCard:
     def from_json(cls, text: str | bytes) -> Self:
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise CardError(f"model card is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 

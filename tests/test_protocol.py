@@ -81,6 +81,7 @@ def test_presence_round_trips() -> None:
             "'online' must be bool",
         ),
         (b"x" * 300_000, "exceeds"),
+        (b"[" * 50_000 + b"]" * 50_000, "not valid UTF-8 JSON"),  # nesting past the limit
         (b'{"schema": 1, "type": "presence", "device_id": "d", "online": true, "ts": NaN}', "NaN"),
     ],
 )

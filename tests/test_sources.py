@@ -75,6 +75,7 @@ def test_a_line_of_numbers_or_a_json_array_is_one_sample(line: str) -> None:
     [
         ("1,2,x,4,5,6", "parse", "'x' is not a number"),
         ("[1,2,", "parse", "not a valid JSON array"),
+        ("[" * 50_000 + "]" * 50_000, "parse", "not a valid JSON array"),  # too deep to parse
         ("1,2,3,4,5", "shape", "expected shape [2, 3] (6 values), got shape [5] (5 values)"),
         ("[[1,2],[3,4],[5,6]]", "shape", "expected shape [2, 3]"),
         ("[[1,2,3],[4,5]]", "shape", "ragged"),
@@ -361,6 +362,7 @@ def test_http_predict_one_sample_and_many(http_source: HttpSource) -> None:
     ("body", "status", "kind", "words"),
     [
         (b"{not json", 400, "parse", "not valid JSON"),
+        (b"[" * 50_000 + b"]" * 50_000, 400, "parse", "not valid JSON"),  # too deep to parse
         (b'{"x": 1}', 400, "parse", '{"inputs": [...]}'),
         (b'{"inputs": [1, 2, 3]}', 400, "shape", "inputs: expected shape [2, 3] (6 values)"),
         (b'{"inputs": [1, 2, 3, 4, 5, NaN]}', 400, "nonfinite", "NaN or infinite"),

@@ -116,7 +116,7 @@ def parse_line(line: str, input_shape: tuple[int, ...]) -> np.ndarray:
     if text.startswith("["):
         try:
             values = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BadSampleError("parse", f"not a valid JSON array: {exc}") from None
         return parse_sample(values, input_shape)
     tokens = text.replace(",", " ").split()

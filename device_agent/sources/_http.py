@@ -227,7 +227,7 @@ class _PredictHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         try:
             document = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise BadSampleError("parse", f"the body is not valid JSON: {exc}") from None
         shape = self.source.input_shape
         if isinstance(document, dict) and "inputs" in document:

@@ -175,7 +175,7 @@ class LocalMqttSource(Source):
                 )
             try:
                 document = json.loads(message.payload)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 raise BadSampleError("parse", f"the payload is not valid JSON: {exc}") from None
             if not isinstance(document, dict) or "inputs" not in document:
                 raise BadSampleError("parse", 'expected a JSON object {"inputs": [...]}')
