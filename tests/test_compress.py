@@ -25,7 +25,8 @@ from edgeops.compress import (
     quantization_aware,
     quantize,
 )
-from edgeops.compress.service import CompressService
+from edgeops.compress.prune import check_clusters, cluster, distinct_kernel_values
+from edgeops.compress.service import CompressService, compressed_name
 from edgeops.data import DatasetArrays, DatasetService
 from edgeops.db import Database
 from edgeops.export.card import op_set
@@ -264,6 +265,37 @@ def test_policy_records_what_it_chose_and_why() -> None:
     assert "none is within the 1 pp limit, kept the most accurate, int16x8" in none.reason
 
 
+@pytest.mark.slow
+def test_clustering_after_pruning_keeps_the_zeros_and_at_most_k_values(
+    cnn: Any, digits: DatasetArrays
+) -> None:
+    pruned = prune(cnn, digits, sparsity=0.5, epochs=1, seed=SEED)
+    clustered = cluster(pruned, digits, clusters=8, epochs=1, seed=SEED)
+    assert kernel_sparsity(clustered) >= kernel_sparsity(pruned) - 1e-9  # zeros preserved
+    assert distinct_kernel_values(clustered) <= 8  # zero is one of the 8
+    assert distinct_kernel_values(pruned) > 8  # the input is left untouched
+    assert [w.shape for w in clustered.weights] == [w.shape for w in pruned.weights]
+    # clustering the same model twice works (tfmot wraps the layers of the model it gets)
+    again = cluster(pruned, digits, clusters=8, epochs=1, seed=SEED)
+    assert distinct_kernel_values(again) <= 8
+    flatbuffer = quantize(clustered, "int8", digits.model_inputs("train"))
+    assert litert_accuracy(flatbuffer, digits) > 0.8
+
+
+@pytest.mark.parametrize("bad", [1, 0, 300, 2.5, True])
+def test_cluster_count_must_be_an_integer_from_2_to_256(bad: Any) -> None:
+    with pytest.raises(PruningError, match="clusters"):
+        check_clusters(bad)
+
+
+def test_compressed_names_say_pruning_clusters_and_qat() -> None:
+    assert compressed_name("digits-cnn", "int8", None) == "digits-cnn-int8"
+    assert compressed_name("digits-cnn", "int8", 0.5) == "digits-cnn-p50-int8"
+    assert compressed_name("m", "int8", 0.5, clusters=16) == "m-p50-c16-int8"
+    assert compressed_name("m", "int8", None, qat=True) == "m-qat-int8"
+    assert compressed_name("m", "int8", 0.8, clusters=16, qat=True) == "m-p80-c16-qat-int8"
+
+
 # -- the compress service -------------------------------------------------------------------
 
 
@@ -313,8 +345,116 @@ def test_int8_losing_more_than_the_limit_tries_qat_then_16x8_and_records_why(hub
     reason = compression["reason"]
     assert "int8 loses" in reason and "QAT int8 loses" in reason and "int16x8 loses" in reason
     assert "none is within the -100 pp limit" in reason
+    chosen_qat = compression["qat"]
+    assert version.name == compressed_name(
+        "digits-cnn", compression["quantization"], None, qat=chosen_qat
+    )
     logs = hub.registry.get_run(version.run_id).logs
     assert any(line.startswith("QAT int8: validation accuracy") for line in logs)
+
+
+@pytest.mark.slow
+def test_a_qat_variant_chosen_by_the_fallback_policy_is_named_and_recorded_as_qat(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edgeops.compress.service as service_module
+    from edgeops.compress.policy import Decision
+    from tests.clitools import run_cli
+
+    def choose_qat(attempts: list[Attempt], max_loss_pp: float, metric: str) -> Decision:
+        # what the policy does when int8 loses too much and QAT int8 does not
+        qat_attempt = next(a for a in attempts if a.qat)
+        return Decision(qat_attempt, "int8 loses too much; chose QAT int8", within_limit=True)
+
+    monkeypatch.setattr(service_module, "decide", choose_qat)
+    version = hub.service.compress(
+        hub.parent.id, quantize="int8", max_loss_pp=-100.0, epochs=1, seed=SEED, progress=False
+    )
+    assert version.name == "digits-cnn-qat-int8"
+    compression = version.config["compression"]
+    assert compression["quantization"] == "int8" and compression["qat"] is True
+    assert compression["qat_requested"] is False and compression["label"] == "QAT int8"
+    assert version.card is not None and version.card["compression"]["qat"] is True
+    shown = run_cli("edgeops", "models", "show", version.id, "--json", env=hub_env(hub))
+    assert shown.returncode == 0, shown.stderr
+    document = json.loads(shown.stdout)
+    assert document["name"] == "digits-cnn-qat-int8"
+    assert document["config"]["compression"]["qat"] is True
+
+
+@pytest.mark.slow
+def test_compress_with_qat_asked_for_is_named_qat(hub: Hub) -> None:
+    version = hub.service.compress(
+        hub.parent.id, quantize="int8", qat=True, epochs=1, seed=SEED, progress=False
+    )
+    compression = version.config["compression"]
+    if compression["qat"]:  # the first attempt, QAT int8, within the limit
+        assert version.name == "digits-cnn-qat-int8"
+    else:  # fell back to int16x8
+        assert version.name == "digits-cnn-int16x8"
+    assert compression["qat_requested"] is True
+
+
+@pytest.mark.slow
+def test_compress_with_clusters_records_them_and_keeps_at_most_k_values(hub: Hub) -> None:
+    version = hub.service.compress(
+        hub.parent.id,
+        quantize="int8",
+        sparsity=0.5,
+        clusters=16,
+        epochs=1,
+        seed=SEED,
+        progress=False,
+    )
+    compression = version.config["compression"]
+    assert version.name == compressed_name(
+        "digits-cnn", compression["quantization"], 0.5, clusters=16, qat=compression["qat"]
+    )
+    assert compression["clusters"] == 16 and compression["sparsity"] == 0.5
+    metrics = version.metrics
+    assert 2 <= metrics["kernel_distinct_values"] <= 16
+    assert abs(metrics["kernel_sparsity"] - 0.5) < 0.02
+    assert metrics["gzip_bytes"] < metrics["float_gzip_bytes"]
+    run = hub.registry.get_run(version.run_id)
+    assert run.params["clusters"] == 16
+    assert any(line.startswith("clustered: at most") for line in run.logs)
+    assert version.card is not None
+    assert version.card["compression"]["clusters"] == 16
+
+
+def hub_env(hub: Hub) -> dict[str, str]:
+    return {"EDGEOPS_DATA_DIR": str(hub.root)}
+
+
+@pytest.mark.slow
+def test_compress_works_on_an_autoencoder_and_reports_auc(hub: Hub) -> None:
+    from edgeops.train.service import TrainService
+
+    autoencoder = TrainService(hub.datasets, hub.registry).train(
+        "digits", "autoencoder", epochs=10, seed=SEED, progress=False
+    )
+    # the trained version's card holds its output reference: the reconstruction-error histogram
+    assert autoencoder.card is not None
+    trained_reference = autoencoder.card["reference"]
+    edges = trained_reference["reconstruction_error_edges"]
+    counts = trained_reference["reconstruction_error_counts"]
+    validation = len(hub.datasets.load(autoencoder.dataset_version).y_val)
+    assert 2 <= len(edges) <= 15 and edges == sorted(edges) and len(counts) == len(edges) + 1
+    assert sum(counts) == validation and trained_reference["class_counts"] is None
+    version = hub.service.compress(
+        autoencoder.id, quantize="int8", epochs=1, seed=SEED, progress=False
+    )
+    metrics = version.metrics
+    assert metrics["accuracy"] is None and metrics["task"] == "anomaly"
+    assert 0.5 < metrics["auc"] <= 1.0 and 0.5 < metrics["float_auc"] <= 1.0
+    assert 0.5 < metrics["val_auc"] <= 1.0
+    assert "auc on the validation split, LiteRT" in version.config["compression"]["reason"]
+    assert version.card is not None
+    reference = version.card["reference"]  # the compressed model's own errors, on LiteRT
+    assert sum(reference["reconstruction_error_counts"]) == validation
+    assert len(reference["reconstruction_error_counts"]) == (
+        len(reference["reconstruction_error_edges"]) + 1
+    )
 
 
 def test_compressing_a_tflite_version_points_at_its_keras_ancestor(hub: Hub) -> None:
@@ -390,6 +530,11 @@ def test_search_on_a_tiny_grid_returns_a_pareto_front_and_marks_fits(hub: Hub) -
         assert 0.0 < candidate.accuracy <= 1.0 and candidate.flash_bytes > 0
         assert "CONV_2D" in candidate.ops
         assert candidate.fits and not candidate.misfits  # small models, 192 KiB of RAM
+        # an MCU profile: scored on the tflite-micro interpreter itself, LiteRT's kept beside
+        assert candidate.scored_on == "tflm"
+        assert candidate.litert_accuracy is not None and candidate.litert_test_accuracy is not None
+        assert abs(candidate.accuracy - candidate.litert_accuracy) <= 0.02
+        assert abs(candidate.test_accuracy - candidate.litert_test_accuracy) <= 0.02
     narrow, wide = result.candidates
     assert narrow.flash_bytes < wide.flash_bytes
     assert result.front and all(c.on_front for c in result.front)
@@ -450,6 +595,44 @@ def test_cli_compress_prints_the_new_version_as_json(hub: Hub) -> None:
     assert document["compression"]["quantization"] == "float16"
     assert document["metrics"]["accuracy"] > 0.8
     assert hub.registry.get_model(document["id"]).name == "digits-cnn-float16"
+
+
+@pytest.mark.slow
+def test_cli_compress_clusters_show_in_the_json(hub: Hub) -> None:
+    from tests.clitools import run_cli
+
+    result = run_cli(
+        "edgeops",
+        "compress",
+        hub.parent.id,
+        "--quantize",
+        "dynamic",
+        "--sparsity",
+        "0.5",
+        "--clusters",
+        "8",
+        "--epochs",
+        "1",
+        "--json",
+        env=hub_env(hub),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["compression"]["clusters"] == 8
+    assert document["metrics"]["kernel_distinct_values"] <= 8
+    assert hub.registry.get_model(document["id"]).name == "digits-cnn-p50-c8-dynamic"
+    bad = run_cli(
+        "edgeops",
+        "compress",
+        hub.parent.id,
+        "--quantize",
+        "int8",
+        "--clusters",
+        "1",
+        env=hub_env(hub),
+    )
+    assert bad.returncode != 0 and "clusters" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow

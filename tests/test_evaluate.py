@@ -22,6 +22,7 @@ from edgeops.evaluate import (
     evaluate_artifact,
     load_runner,
     tflm_arena_bytes,
+    tflm_evaluate,
 )
 from edgeops.export import keras_to_onnx, keras_to_tflite_float
 from edgeops.registry import Registry
@@ -97,6 +98,32 @@ def test_tflm_arena_bytes_is_a_positive_int_for_an_int8_model(trained: Trained) 
 
 def test_tflm_cannot_run_garbage_and_says_none() -> None:
     assert tflm_arena_bytes(b"\x00" * 64) is None
+
+
+def test_tflm_scores_an_int8_model_on_its_own_interpreter(trained: Trained) -> None:
+    from edgeops.evaluate.tflm import tflm_outputs
+
+    score = tflm_evaluate(trained.int8_tflite, trained.x_test, trained.y_test)
+    assert score is not None and score.num_samples == len(trained.y_test)  # all 360
+    litert = evaluate_artifact(trained.int8_tflite, "tflite", trained.x_test, trained.y_test)
+    assert litert.accuracy is not None and score.accuracy is not None
+    # the same int8 kernels' arithmetic: at most a sample or two apart from LiteRT
+    assert abs(score.accuracy - litert.accuracy) <= 2 / len(trained.y_test)
+    assert score.arena_bytes == tflm_arena_bytes(trained.int8_tflite)
+    # the outputs are TFLM's own int8 tensors, one row per sample
+    runner = load_runner(trained.int8_tflite, "tflite")
+    ran = tflm_outputs(trained.int8_tflite, runner.input.quantize(trained.x_test[:5]))
+    assert ran is not None and ran[0].dtype == np.int8 and ran[0].shape == (5, 10)
+    # bounded: at most max_samples, evenly spaced
+    few = tflm_evaluate(trained.int8_tflite, trained.x_test, trained.y_test, max_samples=50)
+    assert few is not None and few.num_samples == 50
+
+
+def test_tflm_evaluate_says_none_for_a_model_tflm_cannot_run(trained: Trained) -> None:
+    from edgeops.compress import quantize
+
+    float16 = quantize(trained.model, "float16", trained.x_test)
+    assert tflm_evaluate(float16, trained.x_test[:8], trained.y_test[:8]) is None
 
 
 def test_macs_agree_across_keras_litert_and_onnx(trained: Trained) -> None:

@@ -129,8 +129,8 @@ def test_export_writes_float_tflite_onnx_and_cards(hub: Hub, tmp_path: Path) -> 
     )
     assert [p.name for p in paths] == [
         "digits-cnn-1.tflite",
-        "digits-cnn-1.card.json",
-        "digits-cnn-1.card.md",
+        "digits-cnn-1.tflite.card.json",
+        "digits-cnn-1.tflite.card.md",
     ]
     card = ModelCard.from_dict(json.loads(paths[1].read_text()))
     assert card.model_id == hub.keras_version.id and card.version == "1"
@@ -148,11 +148,42 @@ def test_export_writes_float_tflite_onnx_and_cards(hub: Hub, tmp_path: Path) -> 
     onnx_paths = export("digits-cnn", "onnx", out, registry=hub.registry, datasets=hub.datasets)
     assert onnx_paths[0].name == "digits-cnn-1.onnx"
     assert sorted(p.name for p in out.iterdir()) == [
-        "digits-cnn-1.card.json",
-        "digits-cnn-1.card.md",
         "digits-cnn-1.onnx",
+        "digits-cnn-1.onnx.card.json",
+        "digits-cnn-1.onnx.card.md",
         "digits-cnn-1.tflite",
-    ]  # no temp files left behind
+        "digits-cnn-1.tflite.card.json",
+        "digits-cnn-1.tflite.card.md",
+    ]  # both formats side by side, each with its card; no temp files left behind
+
+
+def test_onnx_card_metrics_are_measured_with_onnx_runtime_on_the_exported_file(
+    hub: Hub, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    paths = export("digits-cnn", "onnx", tmp_path, registry=hub.registry, datasets=hub.datasets)
+    card = ModelCard.from_dict(json.loads(paths[1].read_text()))
+    metrics = card.metrics
+    assert metrics["runtime"] == "onnxruntime" and metrics["format"] == "onnx"
+    assert metrics["split"] == "test" and metrics["arena_bytes"] is None
+    assert metrics["size_bytes"] == paths[0].stat().st_size
+    # scored again here, straight on ONNX Runtime with the written file
+    arrays = hub.datasets.load(hub.dataset.version)
+    x, y = np.asarray(arrays.model_inputs("test"), np.float32), np.asarray(arrays.y_test)
+    session = ort.InferenceSession(str(paths[0]), providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run(None, {session.get_inputs()[0].name: x})
+    assert metrics["num_samples"] == len(x)
+    assert metrics["accuracy"] == pytest.approx(float(np.mean(probabilities.argmax(1) == y)))
+    # not the Keras model's figures (the registered version's), which the card used to copy
+    assert "tflite_accuracy" not in metrics and hub.keras_version.metrics.get("accuracy")
+    # a Keras version exported as a float .tflite is scored on LiteRT the same way
+    tflite_paths = export(
+        "digits-cnn", "tflite", tmp_path, registry=hub.registry, datasets=hub.datasets
+    )
+    tflite_card = json.loads(tflite_paths[1].read_text())
+    assert tflite_card["metrics"]["runtime"] == "litert"
+    assert tflite_card["metrics"]["size_bytes"] == tflite_paths[0].stat().st_size
 
 
 def test_export_refuses_unknown_format_and_tflite_to_onnx(hub: Hub, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """``edgeops compress MODEL ...``: one compressed version, or a budget-aware search.
 
-    edgeops compress digits-cnn --quantize int8 [--sparsity 0.5] [--qat] [--json]
+    edgeops compress digits-cnn --quantize int8 [--sparsity 0.5] [--clusters 16] [--qat] [--json]
     edgeops compress digits-cnn --profile cortex-m4-256k [--profiles FILE] [--json]
 
 Thin: opens the configured database (migrated) and the artifact store under the data dir,
@@ -91,6 +91,12 @@ def compress(
         float | None,
         typer.Option(help="prune to this fraction of zero weights first (0 < S < 1)"),
     ] = None,
+    clusters: Annotated[
+        int | None,
+        typer.Option(
+            help="then cluster each kernel into this many shared values (zeros preserved)",
+        ),
+    ] = None,
     qat: Annotated[bool, typer.Option("--qat", help="quantization-aware training")] = False,
     max_loss_pp: Annotated[
         float,
@@ -157,6 +163,7 @@ def compress(
             model,
             quantize=quantize,
             sparsity=sparsity,
+            clusters=clusters,
             qat=qat,
             max_loss_pp=max_loss_pp,
             epochs=epochs,
@@ -198,6 +205,12 @@ def _print_version(version: ModelVersionView) -> None:
     facts.add_row("quantization", f"{'QAT ' if compression.get('qat') else ''}{chosen}")
     if compression.get("sparsity"):
         facts.add_row("sparsity", f"{metrics.get('kernel_sparsity', 0):.1%} of kernel weights")
+    if compression.get("clusters"):
+        facts.add_row(
+            "clusters",
+            f"{compression['clusters']} per kernel (at most "
+            f"{metrics.get('kernel_distinct_values', '?')} distinct values, zero included)",
+        )
     facts.add_row("why", str(compression.get("reason", "")))
     nan = float("nan")
     score, baseline = metrics.get(key, nan), metrics.get(f"float_{key}", nan)

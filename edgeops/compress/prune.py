@@ -7,6 +7,11 @@ with a fixed seed; the model passed in is left untouched.
   raises sparsity polynomially from 0 to the target over about 70 % of the fine-tuning
   steps, then strips the wrappers: the result is a plain Keras model whose kernels hold
   zeros. Pruning shrinks the *gzipped* file (zeros compress), not the raw .tflite.
+- :func:`cluster` (weight clustering, after pruning and before quantization) replaces each
+  prunable kernel's values by at most ``clusters`` shared centroids (k-means++ initialised,
+  fine-tuned), with ``preserve_sparsity``: the zeros pruning made stay zeros and do not take
+  a centroid away from the other values. Fewer distinct values shrink the *gzipped* file
+  further (each nonzero int8 weight then carries at most log2(clusters) bits).
 - :func:`quantization_aware` inserts fake-quantization nodes (``quantize_model``) and
   fine-tunes, so the int8 conversion keeps ranges the model learned to live with. A
   pruned model (kernel sparsity >= 20 %) is trained with the prune-preserving scheme, so
@@ -24,10 +29,19 @@ import numpy as np
 
 from edgeops.compress.errors import PruningError
 
-__all__ = ["kernel_sparsity", "prune", "quantization_aware"]
+__all__ = [
+    "check_clusters",
+    "cluster",
+    "distinct_kernel_values",
+    "kernel_sparsity",
+    "prune",
+    "quantization_aware",
+]
 
 _KERNEL_NAMES = ("kernel", "pointwise_kernel")  # tfmot does not prune depthwise kernels
 _PRUNE_PRESERVING_MIN_SPARSITY = 0.2
+MIN_CLUSTERS = 2
+MAX_CLUSTERS = 256  # an int8 weight has no more values than that
 
 
 def _targets(model: Any, arrays: Any) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -110,6 +124,75 @@ def prune(
     return tfmot.sparsity.keras.strip_pruning(wrapped)
 
 
+def check_clusters(clusters: int) -> int:
+    """``clusters`` if it is a usable number of weight clusters, else :class:`PruningError`."""
+    if isinstance(clusters, bool) or not isinstance(clusters, int):
+        raise PruningError(f"the number of clusters must be an integer, not {clusters!r}")
+    if not MIN_CLUSTERS <= clusters <= MAX_CLUSTERS:
+        raise PruningError(
+            f"the number of clusters must be between {MIN_CLUSTERS} and {MAX_CLUSTERS}, "
+            f"not {clusters}"
+        )
+    return clusters
+
+
+def cluster(
+    model: Any,
+    arrays: Any,
+    *,
+    clusters: int,
+    epochs: int,
+    seed: int,
+    batch_size: int = 32,
+    learning_rate: float = 1e-4,
+) -> Any:
+    """A copy of ``model`` whose prunable kernels hold at most ``clusters`` distinct values.
+
+    tensorflow-model-optimization's ``cluster_weights`` with k-means++ centroids and
+    ``preserve_sparsity=True`` (zeros stay zeros: apply it after :func:`prune`), fine-tuned
+    ``epochs`` epochs over the training split, then stripped to a plain ``tf_keras.Model``.
+    Biases and layers tfmot cannot cluster are left as they are.
+    """
+    check_clusters(clusters)
+    if epochs < 1:
+        raise PruningError(f"clustering needs at least 1 fine-tuning epoch, not {epochs}")
+    import tensorflow_model_optimization as tfmot
+
+    from edgeops._tf import enable_determinism, load_tf
+
+    _, tf_keras = load_tf()
+    enable_determinism(seed)
+    x, y, loss = _targets(model, arrays)
+    keras_c = tfmot.clustering.keras
+    # cluster_weights wraps the layers of the model it is given: wrap a copy, never `model`
+    clone = tf_keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    try:
+        wrapped = keras_c.cluster_weights(
+            clone,
+            number_of_clusters=clusters,
+            cluster_centroids_init=keras_c.CentroidInitialization.KMEANS_PLUS_PLUS,
+            preserve_sparsity=True,
+        )
+    except ValueError as exc:
+        raise PruningError(f"cannot cluster the weights of model {model.name!r}: {exc}") from exc
+    wrapped.compile(
+        optimizer=tf_keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"]
+    )
+    wrapped.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)
+    return keras_c.strip_clustering(wrapped)
+
+
+def distinct_kernel_values(model: Any) -> int:
+    """The largest number of distinct values in one prunable kernel (zero included)."""
+    most = 0
+    for weight in model.weights:
+        name = weight.name.split("/")[-1].split(":")[0]
+        if name in _KERNEL_NAMES:
+            most = max(most, int(np.unique(np.asarray(weight.numpy())).size))
+    return most
+
+
 def _annotate_supported(model: Any) -> Any:
     """Annotate only the layers tfmot's default 8-bit scheme can quantize."""
     import tensorflow_model_optimization as tfmot
@@ -141,8 +224,13 @@ def quantization_aware(
     seed: int,
     batch_size: int = 32,
     learning_rate: float = 1e-4,
+    clustered: bool = False,
 ) -> Any:
-    """A copy of ``model`` fine-tuned with fake quantization, ready for int8 conversion."""
+    """A copy of ``model`` fine-tuned with fake quantization, ready for int8 conversion.
+
+    ``clustered`` (a model made by :func:`cluster`): train with tfmot's cluster-preserving
+    scheme (sparsity preserved too), so the shared values survive fine-tuning.
+    """
     if epochs < 1:
         raise PruningError(f"quantization-aware training needs at least 1 epoch, not {epochs}")
     import tensorflow_model_optimization as tfmot
@@ -154,7 +242,11 @@ def quantization_aware(
     x, y, loss = _targets(model, arrays)
     keras_q = tfmot.quantization.keras
     scheme: Any = None
-    if kernel_sparsity(model) >= _PRUNE_PRESERVING_MIN_SPARSITY:
+    if clustered:
+        scheme = tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(
+            preserve_sparsity=kernel_sparsity(model) >= _PRUNE_PRESERVING_MIN_SPARSITY
+        )
+    elif kernel_sparsity(model) >= _PRUNE_PRESERVING_MIN_SPARSITY:
         scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
     try:
         annotated = keras_q.quantize_annotate_model(model)

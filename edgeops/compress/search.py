@@ -1,13 +1,15 @@
 """Budget-aware search: width x sparsity x quantization, scored on the device runtime.
 
 For a device profile, every candidate of the grid is built, compressed and evaluated with
-LiteRT (accuracy, size, gzip size, latency on this CPU) and, for MCU profiles, tflite-micro
-(arena bytes). Candidates run in a process pool (``spawn``, one job per width: train — or
-reuse the registered model at its own width — then prune to each sparsity, then quantize to
-each mode). The Pareto front is taken over validation accuracy (max), flash (min), RAM
-(min) and latency (min); each candidate is marked as fitting the profile or not, with the
-reasons. Nothing is registered: the search is recorded as a registry run (kind
-``search``) with its parameters, the front and the log.
+LiteRT (accuracy, size, gzip size, latency on this CPU) and, for MCU profiles, on the
+tflite-micro interpreter itself: its accuracy (validation and test splits, every sample
+invoked on TFLM) replaces LiteRT's, and its arena bytes are the RAM figure. LiteRT's scores
+are kept beside (``litert_accuracy``, ``litert_test_accuracy``). Candidates run in a process
+pool (``spawn``, one job per width: train — or reuse the registered model at its own width —
+then prune to each sparsity, then quantize to each mode). The Pareto front is taken over
+validation accuracy (max), flash (min), RAM (min) and latency (min); each candidate is
+marked as fitting the profile or not, with the reasons. Nothing is registered: the search is
+recorded as a registry run (kind ``search``) with its parameters, the front and the log.
 
 When ``EDGEOPS_RAY_ADDRESS`` is set (``local``, ``auto``, ``HOST:PORT`` or
 ``ray://HOST:PORT``), the same per-width job runs as Ray tasks instead: see
@@ -69,8 +71,8 @@ class Candidate:
     width: float
     sparsity: float
     quantization: str
-    accuracy: float  # validation split, LiteRT (AUC for anomaly models)
-    test_accuracy: float  # test split, LiteRT
+    accuracy: float  # validation split, on `scored_on` (AUC for anomaly models)
+    test_accuracy: float  # test split, on `scored_on`
     flash_bytes: int  # the .tflite's size
     gzip_bytes: int
     ram_bytes: int | None  # TFLM arena (MCU profiles); LiteRT's tensor bytes (Linux profiles)
@@ -78,6 +80,9 @@ class Candidate:
     latency_ms: float  # median LiteRT invoke on this CPU
     macs: int | None
     ops: list[str] = field(default_factory=list)
+    scored_on: str = "litert"  # "tflm": MCU profile, scored on the tflite-micro interpreter
+    litert_accuracy: float | None = None  # validation split on LiteRT (when scored on TFLM)
+    litert_test_accuracy: float | None = None
     fits: bool = False
     misfits: list[str] = field(default_factory=list)
     on_front: bool = False
@@ -181,7 +186,7 @@ _Completed = Generator[tuple[_WidthJob, list[Candidate]], None, None]
 def _evaluate_width(job: _WidthJob) -> list[Candidate]:
     """Runs in a worker process: build, prune, quantize and evaluate one width's grid."""
     from edgeops.compress.prune import prune
-    from edgeops.evaluate import evaluate_artifact, tflm_arena_bytes
+    from edgeops.evaluate import evaluate_artifact, tflm_arena_bytes, tflm_evaluate
     from edgeops.export.card import op_set
     from edgeops.train.trainer import load_keras, train_model
 
@@ -211,13 +216,25 @@ def _evaluate_width(job: _WidthJob) -> list[Candidate]:
                 arena = tflm_arena_bytes(flatbuffer)
             # MCU: the arena TFLM plans; Linux: every tensor LiteRT holds (same rule for all)
             ram = arena if job.runtime == "tflm" else tflite_tensor_bytes(flatbuffer)
+            litert_val = float(val.to_dict()[job.metric])
+            litert_test = float(test.to_dict()[job.metric])
+            scores, scored_on = (litert_val, litert_test), "litert"
+            if job.runtime == "tflm" and arena is not None:
+                # an MCU candidate is scored on the interpreter the MCU runs
+                tflm_val = tflm_evaluate(flatbuffer, x_val, arrays.y_val, task=job.task)
+                tflm_test = tflm_evaluate(flatbuffer, x_test, arrays.y_test, task=job.task)
+                if tflm_val is not None and tflm_test is not None:
+                    scores, scored_on = (tflm_val.score, tflm_test.score), "tflm"
             results.append(
                 Candidate(
                     width=job.width,
                     sparsity=sparsity,
                     quantization=mode,
-                    accuracy=float(val.to_dict()[job.metric]),
-                    test_accuracy=float(test.to_dict()[job.metric]),
+                    accuracy=scores[0],
+                    test_accuracy=scores[1],
+                    scored_on=scored_on,
+                    litert_accuracy=litert_val,
+                    litert_test_accuracy=litert_test,
                     flash_bytes=int(test.size_bytes),
                     gzip_bytes=int(test.gzip_bytes),
                     ram_bytes=ram,

@@ -5,8 +5,10 @@ quantization-aware training, quantizes it, scores it on the device runtime (Lite
 registers the .tflite as a new version whose parent is the Keras one, all inside one
 registry run. The int8 fallback policy is in :mod:`edgeops.compress.policy`.
 
-Compressed versions are named ``<parent name>-<mode>`` (``-p50`` added for 50 % pruning), so
-the parent's name keeps naming the Keras model that can be compressed again.
+Compressed versions are named ``<parent name>[-p<S>][-c<K>][-qat]-<mode>``: ``-p50`` for 50 %
+pruning, ``-c16`` for 16 weight clusters, ``-qat`` when the chosen variant was fine-tuned with
+quantization-aware training (asked for with ``qat=True`` or picked by the int8 fallback
+policy). The parent's name keeps naming the Keras model that can be compressed again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import numpy as np
 from edgeops.compress._progress import Steps
 from edgeops.compress.errors import CompressError, NotCompressibleError, PruningError
 from edgeops.compress.policy import Attempt, decide, next_variant
-from edgeops.compress.prune import kernel_sparsity, prune, quantization_aware
+from edgeops.compress.prune import (
+    check_clusters,
+    cluster,
+    distinct_kernel_values,
+    kernel_sparsity,
+    prune,
+    quantization_aware,
+)
 from edgeops.compress.quantize import check_mode, representative_sample
 from edgeops.compress.quantize import quantize as to_tflite
 
@@ -48,9 +57,19 @@ def score_key(task: str) -> str:
     return "auc" if task == "anomaly" else "accuracy"
 
 
-def compressed_name(parent_name: str, mode: str, sparsity: float | None) -> str:
+def compressed_name(
+    parent_name: str,
+    mode: str,
+    sparsity: float | None,
+    *,
+    clusters: int | None = None,
+    qat: bool = False,
+) -> str:
+    """``<parent>[-p<S>][-c<K>][-qat]-<mode>``, e.g. ``digits-cnn-p50-c16-qat-int8``."""
     pruned = f"-p{round(sparsity * 100)}" if sparsity else ""
-    return f"{parent_name}{pruned}-{mode}"
+    clustered = f"-c{clusters}" if clusters else ""
+    trained = "-qat" if qat else ""
+    return f"{parent_name}{pruned}{clustered}{trained}-{mode}"
 
 
 def _score(report: Any, key: str) -> float:
@@ -83,6 +102,7 @@ class CompressService:
         *,
         quantize: str,
         sparsity: float | None = None,
+        clusters: int | None = None,
         qat: bool = False,
         max_loss_pp: float = 1.0,
         epochs: int = 2,
@@ -91,7 +111,9 @@ class CompressService:
     ) -> ModelVersionView:
         """Compress ``model_ref`` into a new .tflite model version and return it.
 
-        ``epochs`` is the fine-tuning length of pruning and of quantization-aware training.
+        ``epochs`` is the fine-tuning length of pruning, of weight clustering and of
+        quantization-aware training. ``clusters`` clusters every prunable kernel into that
+        many shared values after pruning (zeros preserved), before quantization.
         Metrics of the new version are on the test split on LiteRT, plus the float model's
         on the same split and runtime (``float_*``) and the loss in percentage points.
         """
@@ -102,6 +124,8 @@ class CompressService:
         requested = check_mode(quantize)
         if sparsity is not None and not 0.0 < sparsity < 1.0:
             raise PruningError(f"sparsity must be between 0 and 1 (exclusive), not {sparsity}")
+        if clusters is not None:
+            check_clusters(clusters)
         if not math.isfinite(max_loss_pp):
             raise CompressError(f"max_loss_pp must be a finite number, not {max_loss_pp}")
         if epochs < 1:
@@ -117,12 +141,13 @@ class CompressService:
             "model": parent.id,
             "quantize": requested,
             "sparsity": sparsity,
+            "clusters": clusters,
             "qat": qat,
             "max_loss_pp": max_loss_pp,
             "epochs": epochs,
             "seed": seed,
         }
-        total = 4 + (1 if sparsity else 0) + (1 if qat else 0)
+        total = 4 + (1 if sparsity else 0) + (1 if clusters else 0) + (1 if qat else 0)
         with (
             self._registry.start_run("compress", params) as run,
             Steps(total, f"compress {parent.ref}", enabled=progress) as steps,
@@ -141,6 +166,14 @@ class CompressService:
                 base = prune(keras_model, arrays, sparsity=sparsity, epochs=epochs, seed=seed)
                 run.log(f"pruned to kernel sparsity {kernel_sparsity(base):.3f}")
                 steps.done()
+            if clusters:
+                steps.start(f"clustering weights into {clusters} values")
+                base = cluster(base, arrays, clusters=clusters, epochs=epochs, seed=seed)
+                run.log(
+                    f"clustered: at most {distinct_kernel_values(base)} distinct values per "
+                    f"kernel (zero included), kernel sparsity {kernel_sparsity(base):.3f}"
+                )
+                steps.done()
             qat_model: Any = None
 
             def variant(use_qat: bool) -> Any:
@@ -149,7 +182,9 @@ class CompressService:
                     return base
                 if qat_model is None:
                     steps.start("quantization-aware training")
-                    qat_model = quantization_aware(base, arrays, epochs=epochs, seed=seed)
+                    qat_model = quantization_aware(
+                        base, arrays, epochs=epochs, seed=seed, clustered=bool(clusters)
+                    )
                     steps.done()
                 return qat_model
 
@@ -194,11 +229,16 @@ class CompressService:
                 "val_loss_pp": chosen.loss_pp,
                 "kernel_sparsity": kernel_sparsity(chosen_model),
             }
+            if clusters:
+                metrics["kernel_distinct_values"] = distinct_kernel_values(base)
             compression = {
                 "requested": requested,
                 "quantization": chosen.mode,
                 "qat": chosen.qat,
+                "qat_requested": qat,
+                "label": chosen.label,
                 "sparsity": sparsity,
+                "clusters": clusters,
                 "max_loss_pp": max_loss_pp,
                 "within_limit": decision.within_limit,
                 "reason": decision.reason,
@@ -208,7 +248,9 @@ class CompressService:
                 "representative_samples": len(representative),
             }
             run.log_metrics(metrics)
-            name = compressed_name(parent.name, chosen.mode, sparsity)
+            name = compressed_name(
+                parent.name, chosen.mode, sparsity, clusters=clusters, qat=chosen.qat
+            )
             steps.start("model card")
             card = self._card(name, tflite, task, arrays, x_val, x_test, metrics, compression)
             steps.done()
@@ -235,13 +277,18 @@ class CompressService:
         metrics: dict[str, Any],
         compression: dict[str, Any],
     ) -> ModelCard:
-        """The compressed model's card: test vectors and output reference on LiteRT."""
+        """The compressed model's card: test vectors and output reference (class and
+        confidence histograms, or the reconstruction-error histogram) on LiteRT."""
         from edgeops.evaluate import load_runner
         from edgeops.export.card import build_card
+        from edgeops.train.service import output_reference
 
-        reference = self._datasets.resolve(arrays.version).reference
-        if task != "anomaly":
-            reference = reference.with_outputs(load_runner(tflite, "tflite").run(x_val))
+        reference = output_reference(
+            self._datasets.resolve(arrays.version).reference,
+            load_runner(tflite, "tflite").run(x_val),
+            x_val,
+            task,
+        )
         return build_card(
             name=name,
             artifact=tflite,

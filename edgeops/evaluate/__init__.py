@@ -6,6 +6,7 @@
     report.accuracy, report.size_bytes, report.gzip_bytes, report.latency_ms_median
     report.arena_bytes   # TFLM's arena, for a full-int8 model
     report.macs
+    tflm_evaluate(tflite_bytes, x_test, y_test).accuracy   # scored on TFLM itself
 
 Keras is used only when the artifact itself is a Keras model (a reference figure). See
 docs/training.md.
@@ -16,7 +17,7 @@ from edgeops.evaluate.files import evaluate_file
 from edgeops.evaluate.macs import keras_macs, onnx_macs, tflite_macs
 from edgeops.evaluate.report import TASKS, EvalReport, evaluate_artifact, score_outputs
 from edgeops.evaluate.runtimes import FORMATS, Runner, TensorInfo, load_runner
-from edgeops.evaluate.tflm import tflm_arena_bytes
+from edgeops.evaluate.tflm import TflmScore, tflm_arena_bytes, tflm_evaluate
 
 __all__ = [
     "FORMATS",
@@ -26,6 +27,7 @@ __all__ = [
     "Runner",
     "RuntimeLoadError",
     "TensorInfo",
+    "TflmScore",
     "UnsupportedFormatError",
     "evaluate_artifact",
     "evaluate_file",
@@ -35,4 +37,5 @@ __all__ = [
     "score_outputs",
     "tflite_macs",
     "tflm_arena_bytes",
+    "tflm_evaluate",
 ]

@@ -1,13 +1,21 @@
-"""Child process of :func:`edgeops.evaluate.tflm_arena_bytes`: run one .tflite on TFLM.
+"""Child process of :mod:`edgeops.evaluate.tflm`: run one .tflite on TFLM.
 
-Reads the flatbuffer from stdin, builds the TFLite Micro Python interpreter with a generous
-arena, invokes it once on a zero input and prints the recording allocator's report to stderr
-(the parent parses it). It runs in its own process because the TFLM interpreter aborts the
-whole process on models it cannot prepare. It imports nothing from EdgeOps and no TensorFlow.
+Without arguments: reads the flatbuffer from stdin, builds the TFLite Micro Python
+interpreter with a generous arena, invokes it once on a zero input and prints the recording
+allocator's report to stderr (the parent parses it).
+
+With ``--run``: reads an ``.npz`` from stdin holding ``model`` (the flatbuffer as uint8) and
+``inputs`` (a batch of input tensors, already in the input tensor's dtype: int8 for a
+full-integer model), invokes the interpreter once per sample, writes the stacked output
+tensors (as the runtime holds them) as ``.npy`` to stdout, then prints the allocations.
+
+It runs in its own process because the TFLM interpreter aborts the whole process on models
+it cannot prepare. It imports nothing from EdgeOps and no TensorFlow.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 
 import numpy as np
@@ -15,18 +23,35 @@ import numpy as np
 PROBE_ARENA_BYTES = 32 << 20  # upper bound while planning; the used part is what counts
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     from tflite_micro import runtime
 
-    flatbuffer = sys.stdin.buffer.read()
+    if argv[:1] == ["--run"]:
+        payload = np.load(io.BytesIO(sys.stdin.buffer.read()), allow_pickle=False)
+        flatbuffer = payload["model"].tobytes()
+        inputs = payload["inputs"]
+    else:
+        flatbuffer, inputs = sys.stdin.buffer.read(), None
     interpreter = runtime.Interpreter.from_bytes(flatbuffer, arena_size=PROBE_ARENA_BYTES)
     details = interpreter.get_input_details(0)
-    interpreter.set_input(np.zeros(details["shape"], dtype=details["dtype"]), 0)
-    interpreter.invoke()
+    shape, dtype = tuple(int(d) for d in details["shape"]), details["dtype"]
+    if inputs is None:
+        interpreter.set_input(np.zeros(shape, dtype=dtype), 0)
+        interpreter.invoke()
+    else:
+        outputs = []
+        for sample in inputs:
+            interpreter.set_input(np.asarray(sample, dtype=dtype).reshape(shape), 0)
+            interpreter.invoke()
+            outputs.append(np.array(interpreter.get_output(0)))
+        buffer = io.BytesIO()
+        np.save(buffer, np.concatenate(outputs, axis=0), allow_pickle=False)
+        sys.stdout.buffer.write(buffer.getvalue())
+        sys.stdout.buffer.flush()
     sys.stderr.flush()
     interpreter.print_allocations()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,10 +1,14 @@
 """Exporting a registered model version: the artifact and its card, written atomically.
 
 ``export(ref, "tflite", out)`` writes ``<name>-<seq>.tflite`` (a Keras model becomes a float
-.tflite; a .tflite version is written as stored), ``<name>-<seq>.card.json`` and
-``<name>-<seq>.card.md``. ``"onnx"`` converts a Keras version with tf2onnx and checks the
-result against Keras with ONNX Runtime. Each file is written to a temp file and renamed, so
-an interrupted export leaves whole files or none.
+.tflite; a .tflite version is written as stored), ``<name>-<seq>.tflite.card.json`` and
+``<name>-<seq>.tflite.card.md`` (one card per format, so both formats fit in one directory).
+``"onnx"`` converts a Keras version with tf2onnx and checks the result against Keras with ONNX
+Runtime. The card's metrics are those of the artifact written, on the runtime that runs it: a
+converted artifact (Keras to float .tflite or to .onnx) is scored on the dataset's test split
+with LiteRT or ONNX Runtime (never the Keras figures); a .tflite version exported as stored
+keeps its registered metrics, which were measured on LiteRT. Each file is written to a temp
+file and renamed, so an interrupted export leaves whole files or none.
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ def export(
     stem = f"{view.name}-{view.seq}"
     files = [
         (out_dir / f"{stem}.{format}", result.artifact),
-        (out_dir / f"{stem}.card.json", result.card.to_json().encode()),
-        (out_dir / f"{stem}.card.md", result.card.to_markdown().encode()),
+        # one card per format: a .tflite and an .onnx of the same version sit side by side
+        (out_dir / f"{stem}.{format}.card.json", result.card.to_json().encode()),
+        (out_dir / f"{stem}.{format}.card.md", result.card.to_markdown().encode()),
     ]
     for path, data in files:
         atomic_write_bytes(path, data)
@@ -94,6 +99,9 @@ def export_artifact(
     stored_card: dict[str, Any] = dict(view.card or {})
     config = dict(view.config)
     task = str(config.get("task") or stored_card.get("task") or dataset.task)
+    metrics = dict(view.metrics)
+    if artifact is not stored:
+        metrics = _runtime_metrics(artifact, format, x_test, np.asarray(arrays.y_test), task)
     lineage = {
         **dict(stored_card.get("lineage") or {}),
         "model_id": view.id,
@@ -114,10 +122,21 @@ def export_artifact(
         reference=stored_card.get("reference") or dataset.reference,
         sample_inputs=x_test,
         sample_labels=np.asarray(arrays.y_test),
-        metrics=view.metrics,
+        metrics=metrics,
         lineage=lineage,
         model_id=view.id,
         version=str(view.seq),
         extra={k: v for k, v in stored_card.items() if k == "compression"},
     )
     return ExportResult(artifact, format, card)
+
+
+def _runtime_metrics(
+    artifact: bytes, format: str, x_test: np.ndarray, y_test: np.ndarray, task: str
+) -> dict[str, Any]:
+    """The exported artifact scored on its own runtime (LiteRT for .tflite, ONNX Runtime for
+    .onnx) over the test split: the evaluation report, plus the split it was measured on."""
+    from edgeops.evaluate import evaluate_artifact
+
+    report = evaluate_artifact(artifact, format, x_test, y_test, task=task)
+    return {**report.to_dict(), "split": "test"}

@@ -23,12 +23,13 @@ from edgeops.train.trainer import (
 from edgeops.train.zoo import TASK_CLASSIFICATION, task_of
 
 if TYPE_CHECKING:
-    from edgeops.data import DatasetService, DatasetView
+    from edgeops.data import DatasetService
     from edgeops.registry import ModelVersionView, Registry
 
-__all__ = ["DEFAULT_EPOCHS", "TrainService"]
+__all__ = ["DEFAULT_EPOCHS", "ERROR_BINS", "TrainService", "output_reference"]
 
 DEFAULT_EPOCHS = 10
+ERROR_BINS = 16  # quantile bins of an autoencoder's reconstruction error (as for features)
 
 
 class TrainService:
@@ -56,8 +57,9 @@ class TrainService:
         The model's name defaults to ``<dataset name>-<arch>``. Metrics are the float
         model's on the test split (Keras), plus, with ``evaluate_on_runtime``, the same model
         converted to a float .tflite and scored on LiteRT (``tflite_*``, size, latency,
-        MACs). The card records the validation outputs' class and confidence histograms as
-        the reference for drift detection.
+        MACs). The card records the reference of the model's outputs for drift detection:
+        a classifier's class and confidence histograms, an autoencoder's
+        reconstruction-error histogram, on the validation split.
         """
         check_training_parameters(arch, epochs=epochs, width=width, batch_size=batch_size)
         dataset = self._datasets.resolve(dataset_ref)
@@ -85,7 +87,7 @@ class TrainService:
             )
             x_val = np.asarray(arrays.model_inputs("val"), dtype=np.float32)
             x_test = np.asarray(arrays.model_inputs("test"), dtype=np.float32)
-            reference = _output_reference(dataset, predict(model, x_val), task)
+            reference = output_reference(dataset.reference, predict(model, x_val), x_val, task)
             artifact = save_keras(model)
             if evaluate_on_runtime:
                 metrics.update(_runtime_metrics(model, x_test, arrays.y_test, task))
@@ -132,11 +134,30 @@ class TrainService:
         return view
 
 
-def _output_reference(dataset: DatasetView, outputs: np.ndarray, task: str) -> ReferenceStats:
-    """The dataset's feature reference plus, for a classifier, its validation outputs'."""
+def output_reference(
+    reference: ReferenceStats, outputs: np.ndarray, x_model_inputs: np.ndarray, task: str
+) -> ReferenceStats:
+    """The dataset's feature reference plus the reference of a model's outputs on the
+    validation split (``outputs`` for ``x_model_inputs``).
+
+    A classifier adds its class and confidence histograms (:meth:`ReferenceStats.with_outputs`);
+    an anomaly model (autoencoder) adds the histogram of its mean squared reconstruction
+    error: ``reconstruction_error_edges`` (the inner quantile edges, :data:`ERROR_BINS` bins,
+    duplicates collapsed, as for features) and ``reconstruction_error_counts``.
+    """
     if task == TASK_CLASSIFICATION:
-        return dataset.reference.with_outputs(outputs)
-    return dataset.reference
+        return reference.with_outputs(outputs)
+    from device_agent.sketch import bin_counts, quantile_edges
+    from edgeops.train.trainer import anomaly_scores
+
+    errors = anomaly_scores(outputs, x_model_inputs)
+    edges = quantile_edges(errors, ERROR_BINS)
+    extra = {
+        **reference.extra,
+        "reconstruction_error_edges": [float(e) for e in edges],
+        "reconstruction_error_counts": [int(c) for c in bin_counts(errors, edges)],
+    }
+    return ReferenceStats.from_dict({**reference.to_dict(), **extra})
 
 
 def _runtime_metrics(model: Any, x: np.ndarray, y: np.ndarray, task: str) -> dict[str, Any]:
