@@ -46,6 +46,20 @@ class Settings(FileBackedSettings):
     mqtt_cert_file: Path | None = None
     mqtt_key_file: Path | None = None
     mqtt_client_id: str = Field(default="edgeops-hub", min_length=1, max_length=64)
+    broker_password_file: Path | None = Field(
+        default=None,
+        description="Mosquitto password file that `edgeops broker acl sync` writes "
+        "(default <data_dir>/mosquitto/passwd)",
+    )
+    broker_acl_file: Path | None = Field(
+        default=None,
+        description="Mosquitto ACL file that `edgeops broker acl sync` writes "
+        "(default <data_dir>/mosquitto/acl)",
+    )
+    broker_pid_file: Path | None = Field(
+        default=None,
+        description="pid file of the Mosquitto to send SIGHUP after a sync (unset: no signal)",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     secret_key: SecretStr | None = Field(
@@ -131,6 +145,15 @@ class Settings(FileBackedSettings):
     def trust_dir(self) -> Path:
         """The TUF release repository and its online keys (see edgeops.trust)."""
         return self.data_dir / "trust"
+
+    @property
+    def broker_files(self) -> tuple[Path, Path]:
+        """The effective Mosquitto password and ACL files the hub manages."""
+        directory = self.data_dir / "mosquitto"
+        return (
+            self.broker_password_file or directory / "passwd",
+            self.broker_acl_file or directory / "acl",
+        )
 
     @property
     def mqtt_endpoint(self) -> MqttEndpoint | None:

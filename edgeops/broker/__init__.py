@@ -4,8 +4,10 @@ Production runs Mosquitto with ``deploy/mosquitto/mosquitto.conf``; docs/brokers
 to use when, with measurements.
 """
 
+from edgeops.broker.auth import BrokerAuthFiles, BrokerIdentity
 from edgeops.broker.embedded import EmbeddedBrokerProcess, run_embedded_broker
 from edgeops.broker.mosquitto import (
+    SECURE_CONFIG,
     SHIPPED_CONFIG,
     MosquittoProcess,
     TlsListener,
@@ -15,7 +17,10 @@ from edgeops.broker.mosquitto import (
 )
 
 __all__ = [
+    "SECURE_CONFIG",
     "SHIPPED_CONFIG",
+    "BrokerAuthFiles",
+    "BrokerIdentity",
     "EmbeddedBrokerProcess",
     "MosquittoProcess",
     "TlsListener",

@@ -9,7 +9,9 @@ broker and a private one:
 * ``pid_file`` is dropped (the parent process tracks the pid);
 * ``log_dest file ...`` becomes ``log_dest stderr`` (the parent captures stderr into a file);
 * ``user`` is set to the current user, so a broker started as root does not drop privileges to
-  the ``mosquitto`` user, which could not write a data directory owned by the caller.
+  the ``mosquitto`` user, which could not write a data directory owned by the caller;
+* only if asked to: ``password_file`` and ``acl_file`` point at the private broker's files
+  (for ``deploy/mosquitto/secure.conf``, whose paths are the system's).
 
 Every tuned setting (queues, Nagle, persistence, keepalive) is kept as shipped, so tests and
 benchmarks exercise the configuration that production runs.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -32,6 +35,10 @@ from edgeops.errors import BrokerError
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
 """The production configuration, in the source tree."""
+
+SECURE_CONFIG = SHIPPED_CONFIG.with_name("secure.conf")
+"""The shipped configuration with per-device identities: no anonymous clients, the hub's
+password and ACL files (``edgeops broker acl sync``), an optional TLS listener."""
 
 SEARCH_DIRS = (Path("/usr/sbin"), Path("/usr/local/sbin"), Path("/opt/homebrew/sbin"))
 """Where Mosquitto lives when it is not on PATH (Debian installs it in /usr/sbin)."""
@@ -94,11 +101,15 @@ def render_config(
     template: Path = SHIPPED_CONFIG,
     host: str = "127.0.0.1",
     extra: str = "",
+    password_file: Path | None = None,
+    acl_file: Path | None = None,
 ) -> str:
     """The text of ``template`` adapted to a private broker on ``host:port`` in ``data_dir``.
 
     ``template`` must contain exactly one ``listener`` line (the shipped file does); ``extra``
-    is appended verbatim, e.g. a further ``listener`` block with its TLS files.
+    is appended verbatim, e.g. a further ``listener`` block with its TLS files. A given
+    ``password_file`` or ``acl_file`` replaces the template's line of that option (or is
+    added if it has none); without them those lines are kept as they are.
     """
     try:
         lines = template.read_text(encoding="utf-8").splitlines()
@@ -111,6 +122,11 @@ def render_config(
             f"to rewrite for a private broker, found {len(listeners)}"
         )
     location = f"persistence_location {data_dir.resolve()}/"
+    files = {
+        option: f"{option} {path.resolve()}"
+        for option, path in (("password_file", password_file), ("acl_file", acl_file))
+        if path is not None
+    }
     rendered: list[str] = []
     for line in lines:
         option = _option(line)
@@ -119,6 +135,8 @@ def render_config(
         elif option == "persistence_location":
             rendered.append(location)
             location = ""
+        elif option in files:
+            rendered.append(files.pop(option))
         elif option in ("pid_file", "user"):
             continue
         elif option == "log_dest" and line.split()[1:2] == ["file"]:
@@ -129,6 +147,7 @@ def render_config(
     rendered.append("# --- private broker (edgeops.broker.mosquitto.render_config) ---")
     if location:
         rendered.append(location)
+    rendered.extend(files.values())
     # as root Mosquitto would switch to the `mosquitto` user, who cannot write data_dir
     rendered.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
     if extra:
@@ -162,6 +181,8 @@ class MosquittoProcess(_BrokerChild):
         tls: TlsListener | None = None,
         extra_config: str = "",
         binary: str | Path | None = None,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
     ) -> None:
         super().__init__()
         self.data_dir = data_dir
@@ -175,6 +196,8 @@ class MosquittoProcess(_BrokerChild):
         self._port_chosen = port is None
         self._tls = tls
         self._tls_port = tls.port if tls is not None else None
+        self.password_file = password_file
+        self.acl_file = acl_file
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -241,8 +264,40 @@ class MosquittoProcess(_BrokerChild):
             )
             extra = f"{block}{extra}"
         return render_config(
-            self.port, self.data_dir, template=self.template, host=self.host, extra=extra
+            self.port,
+            self.data_dir,
+            template=self.template,
+            host=self.host,
+            extra=extra,
+            password_file=self.password_file,
+            acl_file=self.acl_file,
         )
+
+    @property
+    def pid(self) -> int:
+        """The process id of the running broker."""
+        if self._process is None or self._process.poll() is not None:
+            raise BrokerError(f"{self._describe()} is not running")
+        return self._process.pid
+
+    def reload(self, timeout_s: float = 10.0) -> None:
+        """SIGHUP: Mosquitto reads its configuration, password and ACL files again.
+
+        Returns once the broker has logged ``Reloading config.`` (it applies the new password
+        and ACL data to connected clients in the same step); BrokerError if it has not within
+        ``timeout_s`` or has died.
+        """
+        pid = self.pid
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                raise BrokerError(f"{self._describe()} exited on reload; {self.log_tail()}")
+            if "Reloading config." in self._log_text(since=log_offset):
+                return
+            time.sleep(0.02)
+        raise BrokerError(f"{self._describe()} did not reload within {timeout_s:.0f} s")
 
     def restart(self, timeout_s: float = 15.0) -> None:
         """Stop and start again on the same port(s), keeping the persistence directory."""
@@ -284,6 +339,14 @@ class MosquittoProcess(_BrokerChild):
 
     def _log_file(self) -> Path:
         return self.log_path
+
+    def _log_text(self, since: int) -> str:
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(since)
+                return fh.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def _describe(self) -> str:
         return f"Mosquitto on {self._addresses()}"

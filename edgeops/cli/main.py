@@ -17,8 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from device_agent._version import __version__
+from edgeops.cli.broker import broker_app
 from edgeops.cli.compress import compress
 from edgeops.cli.data import data_app
+from edgeops.cli.devices import devices_app
 from edgeops.cli.models import models_app, runs_app
 from edgeops.cli.train import evaluate, export, train
 from edgeops.cli.trust import keys_app, release, releases_app
@@ -43,6 +45,8 @@ hub_app = typer.Typer(help="Run the hub service.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(hub_app, name="hub")
+app.add_typer(broker_app, name="broker")
+app.add_typer(devices_app, name="devices")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
@@ -138,18 +142,6 @@ def db_upgrade(as_json: JsonOption = False) -> None:
         print_json({"database": mask_url(current.database), "revision": revision})
     else:
         out.print(f"database {mask_url(current.database)} is at revision {revision}")
-
-
-@app.command()
-def broker(
-    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 1883,
-) -> None:
-    """Run the embedded MQTT broker (zero setup; for production use Mosquitto)."""
-    from edgeops.broker import run_embedded_broker
-
-    out.print(f"embedded MQTT broker on mqtt://{host}:{port} (Ctrl-C stops it)")
-    run_embedded_broker(host, port)
 
 
 @hub_app.command("serve")

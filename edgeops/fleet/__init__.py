@@ -1,6 +1,26 @@
-"""The fleet: device twins as reported over MQTT (state, presence, events), in the database."""
+"""The fleet: device twins as reported over MQTT (state, presence, events), in the database,
+and the devices' broker identities (enrollment, revocation, the broker's password/ACL files)."""
 
-from edgeops.fleet.models import Device, DeviceEventRecord, DeviceEventView, DeviceView
+from edgeops.fleet.identity import Enrollment, EnrollmentError, IdentityService
+from edgeops.fleet.models import (
+    Device,
+    DeviceCredential,
+    DeviceEventRecord,
+    DeviceEventView,
+    DeviceView,
+    IdentityView,
+)
 from edgeops.fleet.service import FleetService
 
-__all__ = ["Device", "DeviceEventRecord", "DeviceEventView", "DeviceView", "FleetService"]
+__all__ = [
+    "Device",
+    "DeviceCredential",
+    "DeviceEventRecord",
+    "DeviceEventView",
+    "DeviceView",
+    "Enrollment",
+    "EnrollmentError",
+    "FleetService",
+    "IdentityService",
+    "IdentityView",
+]

@@ -6,6 +6,8 @@ DeviceBase      the fields every device form shares
 DeviceEventBase     what a stored event records
 ├── DeviceEventRecord   the ``device_events`` table, primary key (device_id, seq)
 └── DeviceEventView     what services hand out
+DeviceCredential    the ``device_credentials`` table: a device's broker identity (hash only)
+IdentityView        a device with the state of its identity, what ``edgeops devices`` shows
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class DeviceBase(SQLModel):
     agent_version: str | None = Field(default=None, description="from the last state report")
     hardware: dict[str, str] = Field(
         default_factory=dict, sa_type=JSONDocument, description="hardware tags, name -> value"
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        sa_type=JSONDocument,
+        description="the operator's tags from enrollment, name -> value (rollout targets)",
     )
     reported: dict[str, Any] = Field(
         default_factory=dict,
@@ -103,3 +110,50 @@ class DeviceEventView(DeviceEventBase):
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: datetimes as ISO 8601 strings in UTC."""
         return self.model_dump(mode="json")
+
+
+PASSWORD_HASH_MAX_LENGTH = 255
+
+
+class DeviceCredential(SQLModel, table=True):
+    """A device's broker identity: user name = device id, a salted hash of its password.
+
+    Written by :class:`~edgeops.fleet.IdentityService` only. The password itself is shown once
+    at enrollment and stored nowhere. A revoked identity keeps its row (``revoked_at`` set)
+    and is left out of the broker's password file.
+    """
+
+    __tablename__ = "device_credentials"
+
+    device_id: str = Field(
+        primary_key=True,
+        max_length=DEVICE_ID_MAX_LENGTH,
+        foreign_key="devices.device_id",
+        ondelete="CASCADE",
+    )
+    password_hash: str = Field(
+        max_length=PASSWORD_HASH_MAX_LENGTH,
+        description="Mosquitto $7$ hash: PBKDF2-SHA512, salted (edgeops.broker.auth)",
+    )
+    enrolled_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class IdentityView(DeviceView):
+    """A device and the state of its broker identity; never the password hash."""
+
+    identity: str = Field(description="active, revoked, or none (never enrolled)")
+    enrolled_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    @classmethod
+    def from_rows(cls, device: Device, credential: DeviceCredential | None) -> Self:
+        view = DeviceView.from_device(device).model_dump()
+        if credential is None:
+            return cls(**view, identity="none")
+        return cls(
+            **view,
+            identity="revoked" if credential.revoked_at is not None else "active",
+            enrolled_at=credential.enrolled_at,
+            revoked_at=credential.revoked_at,
+        )

@@ -1,0 +1,247 @@
+"""``edgeops devices ...``: enroll, list, show and revoke device identities.
+
+Thin: every command opens the configured database (migrating it if needed), calls
+:class:`edgeops.fleet.IdentityService`, and prints a table or, with ``--json``, a JSON document.
+Enrollment and revocation change the database only; ``edgeops broker acl sync`` then writes
+the broker's password and ACL files from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from edgeops.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgeops.fleet import IdentityService, IdentityView
+
+devices_app = typer.Typer(
+    help="Device identities: enroll (broker credentials), list, show, revoke.",
+    no_args_is_help=True,
+)
+
+out = Console()
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
+_IDENTITY_STYLE = {"active": "green", "revoked": "red", "none": "dim"}
+
+
+@contextmanager
+def open_identities() -> Iterator[IdentityService]:
+    """The identity service on the current settings' database (migrated if behind)."""
+    from edgeops.cli._hub import open_hub
+    from edgeops.cli.main import settings
+    from edgeops.fleet import IdentityService
+
+    current = settings()
+    endpoint = current.mqtt_endpoint
+    hub_user = endpoint.username if endpoint is not None and endpoint.username else None
+    with open_hub() as hub:
+        if hub_user is None:
+            yield IdentityService(hub.database)
+        else:
+            yield IdentityService(hub.database, hub_user=hub_user)
+
+
+def _print_json(document: Any) -> None:
+    from edgeops.cli.main import print_json
+
+    print_json(document)
+
+
+def _tags(value: str | None) -> dict[str, str]:
+    """``k=v,k2=v2`` parsed, or a usage error naming the bad tag."""
+    if value is None:
+        return {}
+    from edgeops.fleet.identity import parse_tags
+
+    try:
+        return parse_tags(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--tags'") from None
+
+
+def _device_name(value: str) -> str:
+    """Typer callback: a valid, unreserved device id, or a usage error saying why."""
+    from device_agent.protocol import validate_device_id
+    from edgeops.errors import ProtocolError
+    from edgeops.fleet.identity import is_reserved_name
+
+    try:
+        validate_device_id(value)
+    except ProtocolError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if is_reserved_name(value):
+        raise typer.BadParameter(f"device id {value!r} is reserved for the hub's own identity")
+    return value
+
+
+def _broker_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from device_agent.link import MqttEndpoint
+
+    try:
+        endpoint = MqttEndpoint.parse(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if endpoint.username or endpoint.password:
+        raise typer.BadParameter("give the broker's address without user or password")
+    return value
+
+
+NameArgument = Annotated[
+    str, typer.Argument(help="device id: 1-63 letters, digits, _ . -", callback=_device_name)
+]
+
+
+@devices_app.command("enroll")
+def devices_enroll(
+    name: NameArgument,
+    tags: Annotated[
+        str | None,
+        typer.Option(help="the device's tags, key=value,key=value"),
+    ] = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option(
+            help="the broker as the device reaches it, e.g. mqtts://broker.example:8883 "
+            "(default: the hub's EDGEOPS_MQTT_URL without its credentials)",
+            callback=_broker_url,
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Enroll a device: its row with tags and its own MQTT credentials (password shown once)."""
+    tag_values = _tags(tags)
+    with open_identities() as identities:
+        enrollment = identities.enroll(name, tag_values)
+    url = broker_url or _hub_broker_url()
+    if as_json:
+        _print_json(enrollment.to_dict(url))
+        return
+    device = enrollment.device
+    shown_tags = ", ".join(f"{k}={v}" for k, v in sorted(device.tags.items())) or "none"
+    agent_url = enrollment.agent_url(url)
+    lines = [
+        f"enrolled device {device.device_id} (tags: {shown_tags})",
+        "",
+        f"MQTT user:     {device.device_id}",
+        f"MQTT password: {enrollment.password}",
+        "The password is shown only now: the hub keeps nothing but a salted hash of it.",
+        "",
+        "Agent configuration (agent.toml; or EDGEOPS_AGENT_DEVICE_ID / EDGEOPS_AGENT_MQTT_URL):",
+        f'  device_id = "{device.device_id}"',
+        f'  mqtt_url = "{agent_url}"',
+    ]
+    if agent_url.startswith("mqtts://"):
+        lines.append('  mqtt_ca_file = "<the CA certificate that signed the broker\'s>"')
+    lines += [
+        "",
+        "Next: `edgeops broker acl sync` writes the broker's password and ACL files; the device",
+        "can connect once Mosquitto has reloaded them.",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@devices_app.command("list")
+def devices_list(as_json: JsonOption = False) -> None:
+    """List every known device with its identity (active, revoked or none) and tags."""
+    with open_identities() as identities:
+        devices = identities.list_identities()
+    if as_json:
+        _print_json([device.to_dict() for device in devices])
+        return
+    if not devices:
+        out.print("no devices yet (`edgeops devices enroll NAME` adds one)")
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("device", "identity", "tags", "online", "enrolled"):
+        table.add_column(column, overflow="fold", min_width=len(column))
+    for device in devices:
+        table.add_row(
+            Text(device.device_id),
+            _identity(device),
+            Text(", ".join(f"{k}={v}" for k, v in sorted(device.tags.items()))),
+            "yes" if device.online else "no",
+            _when(device.enrolled_at),
+        )
+    out.print(table)
+
+
+@devices_app.command("show")
+def devices_show(
+    name: Annotated[str, typer.Argument(help="device id")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show one device: identity, tags, and what it last reported."""
+    with open_identities() as identities:
+        device = identities.get_identity(name)
+    if as_json:
+        _print_json(device.to_dict())
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, str | Text]] = [
+        ("device", Text(device.device_id)),
+        ("identity", _identity(device)),
+        ("enrolled", _when(device.enrolled_at)),
+        ("revoked", _when(device.revoked_at)),
+        ("tags", Text(", ".join(f"{k}={v}" for k, v in sorted(device.tags.items())))),
+        ("online", "yes" if device.online else "no"),
+        ("last seen", _when(device.last_seen)),
+        ("agent version", Text(device.agent_version or "")),
+        ("hardware", Text(", ".join(f"{k}={v}" for k, v in sorted(device.hardware.items())))),
+        ("update state", Text(device.update_state or "")),
+    ]
+    for field_name, value in rows:
+        table.add_row(field_name, value)
+    out.print(table)
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    name: Annotated[str, typer.Argument(help="device id")],
+    as_json: JsonOption = False,
+) -> None:
+    """Revoke a device's identity; `edgeops broker acl sync` then locks it out of the broker."""
+    with open_identities() as identities:
+        device, changed = identities.revoke(name)
+    if as_json:
+        _print_json({**device.to_dict(), "changed": changed})
+        return
+    if changed:
+        typer.echo(
+            f"revoked device {device.device_id}; `edgeops broker acl sync` and a broker reload "
+            "disconnect it and refuse it from then on"
+        )
+    else:
+        when = device.revoked_at.isoformat() if device.revoked_at else "earlier"
+        typer.echo(f"device {device.device_id} was already revoked ({when})")
+
+
+def _hub_broker_url() -> str:
+    from edgeops.cli.main import settings
+
+    endpoint = settings().mqtt_endpoint
+    if endpoint is None:
+        return DEFAULT_BROKER_URL
+    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+    return f"{'mqtts' if endpoint.tls else 'mqtt'}://{host}:{endpoint.port}"
+
+
+def _identity(device: IdentityView) -> Text:
+    return Text(device.identity, style=_IDENTITY_STYLE.get(device.identity, ""))
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else ""
