@@ -22,6 +22,7 @@ from edgeops.cli.compress import compress
 from edgeops.cli.data import data_app
 from edgeops.cli.devices import devices_app
 from edgeops.cli.models import models_app, runs_app
+from edgeops.cli.rollout import rollout_app
 from edgeops.cli.train import evaluate, export, train
 from edgeops.cli.trust import keys_app, release, releases_app
 from edgeops.config import Settings, load_settings
@@ -50,6 +51,7 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
+app.add_typer(rollout_app, name="rollout")
 app.command("compress")(compress)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
