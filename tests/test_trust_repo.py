@@ -406,6 +406,67 @@ def test_rotating_root_writes_a_root_signed_by_old_and_new_keys(
         device(repo, tmp_path / "device").refresh()
 
 
+class _CrashError(Exception):
+    """Stands for the hub dying at one point of a rotation."""
+
+
+def _crash(*args: object, **kwargs: object) -> None:
+    raise _CrashError
+
+
+@pytest.mark.parametrize("role", ["targets", "snapshot", "timestamp"])
+def test_a_rotation_cut_before_the_new_root_leaves_the_old_key_in_service(
+    repo: TrustRepository, offline: Path, tmp_path: Path, role: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo.add_target(TARGET, b"model bytes", CUSTOM)
+    old_key = load_signer(repo.online_key_path(role)).public_key.keyid
+    with monkeypatch.context() as patch:
+        patch.setattr(TrustRepository, "_write_root", _crash)
+        with pytest.raises(_CrashError):
+            repo.rotate(role, offline)
+    assert repo.versions()["root"] == 1
+    assert repo.refresh(force=True)  # the hub goes on signing with the old key
+    assert load_signer(repo.online_key_path(role)).public_key.keyid == old_key
+    assert not list(repo.online_key_path(role).parent.glob("*.new"))
+    fresh = device(repo, tmp_path / "device")
+    fresh.refresh()
+    assert fresh.get_targetinfo(TARGET) is not None
+
+
+@pytest.mark.parametrize("role", ["targets", "snapshot", "timestamp"])
+def test_a_rotation_cut_after_the_new_root_is_finished_by_the_next_refresh(
+    repo: TrustRepository, offline: Path, tmp_path: Path, role: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo.add_target(TARGET, b"model bytes", CUSTOM)
+    old_key = load_signer(repo.online_key_path(role)).public_key.keyid
+    with monkeypatch.context() as patch:
+        patch.setattr(TrustRepository, "_resign_after_rotation", _crash)
+        with pytest.raises(_CrashError):
+            repo.rotate(role, offline)
+    assert repo.versions()["root"] == 2  # the new root is out; the role is still signed
+    # with the replaced key, so a device would refuse it until the hub signs it again
+    assert role in repo.refresh()  # not forced: the stale signature is enough
+    new_key = load_signer(repo.online_key_path(role)).public_key.keyid
+    assert new_key != old_key and new_key in repo.root().signed.roles[role].keyids
+    repo.verify()
+    fresh = device(repo, tmp_path / "device")
+    fresh.refresh()
+    assert fresh.get_targetinfo(TARGET) is not None
+
+
+def test_a_root_rotation_cut_after_the_keys_moved_can_be_run_again(
+    repo: TrustRepository, offline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        patch.setattr(TrustRepository, "_write_root", _crash)
+        with pytest.raises(_CrashError):
+            repo.rotate("root", offline)
+    assert repo.versions()["root"] == 1  # old keys in retired-v1, new ones not yet trusted
+    assert repo.rotate("root", offline)["root"] == 2  # finds the old keys where they went
+    fresh = device(repo, tmp_path / "device")
+    fresh.refresh()
+
+
 def test_rotation_needs_the_threshold_of_root_keys(
     repo: TrustRepository, offline: Path, tmp_path: Path
 ) -> None:
@@ -540,6 +601,30 @@ def test_http_routes_serve_a_release_to_a_real_updater(
     info = updater.get_targetinfo(TARGET)
     assert info is not None
     assert Path(updater.download_target(info)).read_bytes() == data
+
+
+def test_a_range_dropped_before_its_first_chunk_closes_its_file(repo: TrustRepository) -> None:
+    """An HTTP client that hangs up at once must not leak the hub's file descriptor."""
+    import gc
+
+    from edgeops.trust.files import iter_range, open_file
+
+    fds = []
+    for _ in range(3):
+        fd = open_file(repo.repository_dir, "metadata/timestamp.json")
+        fds.append(fd)
+        iter_range(fd, 0, 10)  # never iterated
+    gc.collect()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    fd = open_file(repo.repository_dir, "metadata/timestamp.json")
+    chunks = iter_range(fd, 0, 10, chunk_bytes=4)
+    assert (
+        b"".join(chunks) == (repo.repository_dir / "metadata" / "timestamp.json").read_bytes()[:10]
+    )
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed at the end of the range
 
 
 def test_http_ranges(repo: TrustRepository, http: Http) -> None:

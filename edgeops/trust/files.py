@@ -106,13 +106,43 @@ def read_range(repository_dir: Path, path: str, offset: int, length: int) -> Fil
 
 def iter_range(fd: int, offset: int, length: int, chunk_bytes: int = 64 * 1024) -> Iterator[bytes]:
     """``length`` bytes of the open file ``fd`` from ``offset``, in chunks; closes ``fd``."""
-    try:
-        position, end = offset, offset + length
-        while position < end:
-            part = os.pread(fd, min(chunk_bytes, end - position), position)
-            if not part:
-                return
-            position += len(part)
-            yield part
-    finally:
-        os.close(fd)
+    return RangeIterator(fd, offset, length, chunk_bytes)
+
+
+class RangeIterator:
+    """Chunks of a byte range of an open file; owns the descriptor from the start.
+
+    It is closed at the end of the range, by :meth:`close`, or when the iterator is dropped
+    before its first chunk (an HTTP client that hung up at once) — which a generator would not
+    do: a generator that never started never runs its ``finally``.
+    """
+
+    def __init__(self, fd: int, offset: int, length: int, chunk_bytes: int) -> None:
+        self._fd = fd
+        self._position = offset
+        self._end = offset + length
+        self._chunk_bytes = chunk_bytes
+
+    def __iter__(self) -> RangeIterator:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._fd < 0 or self._position >= self._end:
+            self.close()
+            raise StopIteration
+        part = os.pread(
+            self._fd, min(self._chunk_bytes, self._end - self._position), self._position
+        )
+        if not part:  # the file shrank under us: serve what there is
+            self.close()
+            raise StopIteration
+        self._position += len(part)
+        return part
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()

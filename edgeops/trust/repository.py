@@ -376,10 +376,26 @@ class TrustRepository:
         with self._locked():
             targets_md = self.targets_metadata()
             snapshot_md = self.snapshot()
-            if force or self._expiring(targets_md.signed, "targets"):
+            root_md = self.root()
+            # a rotation interrupted after the new root was written leaves roles signed by
+            # the replaced key: sign them again now, not when they would expire
+            stale = {
+                role
+                for role, md in (
+                    ("targets", targets_md),
+                    ("snapshot", snapshot_md),
+                    ("timestamp", self.timestamp()),
+                )
+                if not self._trusted(root_md, role, md)
+            }
+            force_targets = force or "targets" in stale
+            force_snapshot = force or "snapshot" in stale
+            if "timestamp" in stale:
+                force = True
+            if force_targets or self._expiring(targets_md.signed, "targets"):
                 self._write_chain(targets_md, self._online_signers(), bump=True)
                 return list(ONLINE_ROLES)
-            if force or self._expiring(snapshot_md.signed, "snapshot"):
+            if force_snapshot or self._expiring(snapshot_md.signed, "snapshot"):
                 self._write_chain(None, self._online_signers(), bump=True)
                 return ["snapshot", "timestamp"]
         return ["timestamp"] if self.refresh_timestamp(force) else []
@@ -433,8 +449,12 @@ class TrustRepository:
                     write_private_key(destination, private)
                 self._write_root(new_md)
             else:
-                write_private_key(self.online_key_path(role), new_keys[0])
+                # the new key waits beside the old one until the root that trusts it is
+                # written: a crash in between leaves a usable pair (see _online_signers)
+                pending = self._pending_key_path(role)
+                write_private_key(pending, new_keys[0])
                 self._write_root(new_md)
+                pending.replace(self.online_key_path(role))
                 self._resign_after_rotation(role, new_root)
         return self.versions()
 
@@ -472,6 +492,14 @@ class TrustRepository:
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
+    @staticmethod
+    def _trusted(root: Metadata[Root], role: str, md: Metadata[Any]) -> bool:
+        try:
+            root.verify_delegate(role, md)
+        except UnsignedMetadataError:
+            return False
+        return True
+
     def _expiring(self, signed: Signed, role: str) -> bool:
         return signed.expires - self._clock() < self.expiries.of(role) / 2
 
@@ -502,10 +530,30 @@ class TrustRepository:
         except LengthOrHashMismatchError as exc:
             raise MetadataError(f"{path.name} does not match its meta entry: {exc}") from None
 
+    def _pending_key_path(self, role: str) -> Path:
+        path = self.online_key_path(role)
+        return path.with_name(path.name + ".new")
+
+    def _settle_pending_key(self, role: str, root: Root) -> None:
+        """Finish or undo a rotation of ``role`` that a crash interrupted.
+
+        A ``<role>.pem.new`` whose key the root trusts replaces the old key file (the crash
+        came after the new root was written); one the root does not trust is dropped (the
+        crash came before, and the published root still names the old key).
+        """
+        pending = self._pending_key_path(role)
+        if not pending.exists():
+            return
+        if load_signer(pending).public_key.keyid in root.roles[role].keyids:
+            pending.replace(self.online_key_path(role))
+        else:
+            pending.unlink()
+
     def _online_signers(self, root: Root | None = None) -> dict[str, CryptoSigner]:
         root = root if root is not None else self.root().signed
         signers: dict[str, CryptoSigner] = {}
         for role in ONLINE_ROLES:
+            self._settle_pending_key(role, root)
             path = self.online_key_path(role)
             signer = load_signer(path)
             if signer.public_key.keyid not in root.roles[role].keyids:
@@ -523,6 +571,9 @@ class TrustRepository:
                 "offline root keys"
             )
         found = read_key_dir(key_dir)
+        interrupted = key_dir / f"retired-v{root.version}"
+        if interrupted.is_dir():  # a root rotation moved these keys, then stopped
+            found = {**read_key_dir(interrupted), **found}
         role = root.roles["root"]
         usable = {keyid: found[keyid] for keyid in role.keyids if keyid in found}
         if len(usable) < role.threshold:
