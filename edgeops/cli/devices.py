@@ -1,13 +1,16 @@
-"""``edgeops devices ...``: enroll, list, show and revoke device identities.
+"""``edgeops devices ...``: enroll, list, show and revoke device identities; deploy a release
+to devices and show their twins.
 
 Thin: every command opens the configured database (migrating it if needed), calls
-:class:`edgeops.fleet.IdentityService`, and prints a table or, with ``--json``, a JSON document.
-Enrollment and revocation change the database only; ``edgeops broker acl sync`` then writes
-the broker's password and ACL files from it.
+:class:`edgeops.fleet.IdentityService` or :class:`edgeops.fleet.FleetService`, and prints a
+table or, with ``--json``, a JSON document. Enrollment and revocation change the database
+only; ``edgeops broker acl sync`` then writes the broker's password and ACL files from it.
+``deploy`` sets the devices' desired release and publishes it (:mod:`edgeops.fleet.deploy`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,13 +21,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from edgeops.cli.trust import Runtime
 from edgeops.errors import ConfigError
 
 if TYPE_CHECKING:
     from edgeops.fleet import IdentityService, IdentityView
 
 devices_app = typer.Typer(
-    help="Device identities: enroll (broker credentials), list, show, revoke.",
+    help="Devices: enroll (broker credentials), list, show, revoke; deploy a release, twin.",
     no_args_is_help=True,
 )
 
@@ -227,6 +231,167 @@ def devices_revoke(
     else:
         when = device.revoked_at.isoformat() if device.revoked_at else "earlier"
         typer.echo(f"device {device.device_id} was already revoked ({when})")
+
+
+# -- the desired twin ----------------------------------------------------------------------
+
+
+def _device_names(values: list[str]) -> list[str]:
+    """Typer callback: every ``--device`` a valid device id."""
+    return [_device_name(value) for value in values]
+
+
+@devices_app.command("deploy")
+def devices_deploy(
+    release: Annotated[
+        str,
+        typer.Argument(
+            metavar="TARGET_OR_MODEL",
+            help="a released target path (NAME/SEQ/RUNTIME/model.tflite), or a model version "
+            "(NAME: its newest released version, NAME:SEQ, m-<id>, NAME@STAGE)",
+        ),
+    ],
+    device: Annotated[
+        list[str],
+        typer.Option(
+            "--device",
+            "-d",
+            metavar="ID",
+            help="a device to point at the release (repeat for several)",
+            callback=_device_names,
+        ),
+    ],
+    runtime: Annotated[
+        Runtime | None,
+        typer.Option(help="choose among a model version's targets: litert, onnx or mcu"),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Point devices at a signed release: set desired.release and publish it (retained).
+
+    Everything is checked first (the release is in the release repository, every device is
+    known, the broker answers); then the devices' desired state is set in one transaction
+    and published. Needs EDGEOPS_MQTT_URL (the hub's broker identity).
+    """
+    from edgeops.cli._hub import open_hub
+    from edgeops.cli.main import settings
+    from edgeops.errors import BrokerError
+    from edgeops.fleet import FleetService
+    from edgeops.fleet.deploy import apply_deploy, plan_deploy
+    from edgeops.hub.desired import DesiredPublisher
+    from edgeops.trust import repository_for
+
+    current = settings()
+    endpoint = current.mqtt_endpoint
+    if endpoint is None:
+        raise ConfigError(
+            "no broker configured: set EDGEOPS_MQTT_URL (or mqtt_url in edgeops.toml) to the "
+            "hub's broker URL, e.g. mqtt://edgeops-hub:<password>@127.0.0.1:1883; "
+            "nothing was deployed"
+        )
+    repository = repository_for(current)
+    repository.root()  # TrustNotInitialisedError before anything else
+    with open_hub() as hub:
+        fleet = FleetService(hub.database)
+        plan = plan_deploy(
+            fleet,
+            repository,
+            release,
+            device,
+            runtime=runtime.value if runtime is not None else None,
+            registry=hub.registry() if "@" in release else None,
+        )
+        publisher = DesiredPublisher(
+            endpoint, client_id=current.mqtt_client_id, tls=current.tls_files
+        )
+        try:
+            publisher.start()
+        except BrokerError as exc:
+            raise BrokerError(f"{exc}; nothing was deployed") from None
+        try:
+            result = apply_deploy(fleet, publisher, plan)
+        finally:
+            publisher.stop()
+    if result.unacknowledged:
+        raise BrokerError(
+            f"desired release {result.release.path} stored for {len(result.devices)} device(s), "
+            "but the broker did not acknowledge it for "
+            + ", ".join(result.unacknowledged)
+            + "; run the same deploy again to publish it"
+        )
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    changed = set(result.changed)
+    typer.echo(f"deployed {result.release.path} ({result.release.model_id or 'no model id'})")
+    for view in result.devices:
+        what = "desired state" if view.device_id in changed else "unchanged, re-published"
+        typer.echo(f"  {view.device_id}: {what} version {view.desired_version}")
+    typer.echo("`edgeops devices twin ID` shows when a device runs it.")
+
+
+@devices_app.command("twin")
+def devices_twin(
+    name: Annotated[str, typer.Argument(help="device id")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show a device's twin: what the hub wants, what the device reports, where they differ."""
+    from edgeops.cli._hub import open_hub
+    from edgeops.fleet import FleetService
+    from edgeops.fleet.desired import active_release, reported_challenger
+
+    with open_hub() as hub:
+        twin = FleetService(hub.database).twin(name)
+    if as_json:
+        _print_json(twin.to_dict())
+        return
+    release = twin.desired.get("release")
+    challenger = twin.desired.get("challenger")
+    target, model_id = active_release(twin.reported)
+    running = reported_challenger(twin.reported)
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("", "desired", "reported"):
+        table.add_column(column, overflow="fold")
+    table.add_row(
+        "release",
+        Text(_release_text(release)),
+        Text(f"{target or '-'}" + (f" ({model_id})" if model_id else "")),
+    )
+    table.add_row(
+        "challenger",
+        Text(str(challenger.get("model_id")) if isinstance(challenger, dict) else "-"),
+        Text(running or "-"),
+    )
+    config = twin.desired.get("config")
+    table.add_row("config", Text(json.dumps(config, sort_keys=True) if config else "-"), "")
+    table.add_row("update state", "", Text(twin.update_state or "-"))
+    table.add_row(
+        "version",
+        Text(f"{twin.desired_version} ({_when(twin.desired_at)})" if twin.desired_at else "0"),
+        Text(f"ts {twin.reported_ts}" if twin.reported_ts is not None else "never reported"),
+    )
+    table.add_row("online", "", "yes" if twin.online else "no")
+    out.print(Text(f"device {twin.device_id}", style="bold"))
+    out.print(table)
+    if twin.in_sync:
+        out.print(Text("in sync: the device runs what the hub wants", style="green"))
+        return
+    out.print(Text("differences:", style="yellow"))
+    for difference in twin.differences:
+        out.print(
+            Text(
+                f"  {difference.field}: desired {difference.desired or '-'}, reported "
+                f"{difference.reported or '-'} ({difference.note})"
+            ),
+            soft_wrap=True,
+        )
+
+
+def _release_text(release: Any) -> str:
+    if not isinstance(release, dict):
+        return "-"
+    model_id = release.get("model_id")
+    return f"{release.get('target')}" + (f" ({model_id})" if model_id else "")
 
 
 def _hub_broker_url() -> str:

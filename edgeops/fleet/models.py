@@ -1,4 +1,5 @@
-"""The fleet's tables and read models: one device twin per row, and the devices' events.
+"""The fleet's tables and read models: one device twin per row (reported and desired), and the
+devices' events.
 
 DeviceBase      the fields every device form shares
 ├── Device      the ``devices`` table
@@ -50,6 +51,19 @@ class DeviceBase(SQLModel):
     )
     update_seq: int | None = Field(
         default=None, sa_type=sa.BigInteger, description="seq of the newest applied update event"
+    )
+    desired: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_type=JSONDocument,
+        description="the desired twin the hub publishes: release, challenger, config",
+    )
+    desired_version: int = Field(
+        default=0,
+        sa_type=sa.BigInteger,
+        description="bumped by every change of the desired twin (0: nothing desired yet)",
+    )
+    desired_at: datetime | None = Field(
+        default=None, sa_type=UTCDateTime, description="hub time of the last desired change"
     )
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

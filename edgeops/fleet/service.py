@@ -1,4 +1,5 @@
-"""The fleet service: device twins from state, presence and event messages, one transaction each.
+"""The fleet service: device twins from state, presence and event messages, one transaction each,
+and the desired twin the hub keeps for every device (:meth:`FleetService.set_desired`).
 
 MQTT delivers at least once, and a retained message comes again on every subscription, so
 the same message can arrive twice and an older one after a newer one. Each device row keeps
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +35,8 @@ from sqlmodel import Session, col, select
 from device_agent.protocol import Event, Presence, StateReport, validate_device_id
 from edgeops.db import Database
 from edgeops.db.types import utcnow
-from edgeops.errors import NotFoundError, ProtocolError
+from edgeops.errors import ConfigError, DatabaseError, NotFoundError, ProtocolError
+from edgeops.fleet.desired import TwinView, encode_desired, merge_desired, validate_patch
 from edgeops.fleet.models import Device, DeviceEventRecord, DeviceEventView, DeviceView
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,8 @@ Applies = Callable[[sa.ColumnCollection[str, Any]], ColumnElement[bool]]
 
 
 class FleetService:
-    """Records what devices report and answers what the fleet looks like."""
+    """Records what devices report, keeps what the hub wants of them (the desired twin), and
+    answers what the fleet looks like."""
 
     def __init__(self, db: Database, *, clock: Clock = utcnow) -> None:
         self._db = db
@@ -229,6 +232,102 @@ class FleetService:
                 raise NotFoundError(f"device {device_id!r} not found")
             return DeviceView.from_device(device)
 
+    # -- the desired twin ------------------------------------------------------------------
+
+    def set_desired(self, device_id: str, patch: Mapping[str, Any]) -> DeviceView:
+        """Merge ``patch`` into the desired twin of ``device_id``; the device as stored after.
+
+        See :func:`~edgeops.fleet.desired.merge_desired` for the fields and how they merge.
+        One transaction; ``desired_version`` goes up by one if the document changed (a patch
+        that changes nothing leaves version and time as they were). DesiredStateError (a
+        ConfigError) names a bad field; NotFoundError if the hub does not know the device.
+        The document is not published here (see :class:`edgeops.hub.DesiredPublisher`).
+        """
+        return self.set_desired_many([device_id], patch)[0]
+
+    def set_desired_many(
+        self, device_ids: Sequence[str], patch: Mapping[str, Any]
+    ) -> list[DeviceView]:
+        """:meth:`set_desired` for every device in ``device_ids``, all in one transaction.
+
+        Nothing is written unless every device is known (NotFoundError names the unknown
+        ones) and the patch is valid. The rows are locked before they are read, and each
+        version moves from the value read to one more, checked by the UPDATE itself: a
+        concurrent change by another hub process is never overwritten (the transaction is
+        retried on the new values instead).
+        """
+        ids = list(dict.fromkeys(device_ids))
+        if not ids:
+            raise ConfigError("no device given")
+        validate_patch(patch)
+        for attempt in range(1, _DESIRED_ATTEMPTS + 1):
+            try:
+                return self._set_desired(ids, patch)
+            except _ConcurrentChangeError as exc:
+                if attempt == _DESIRED_ATTEMPTS:
+                    raise DatabaseError(
+                        f"desired state of {exc.device_id!r} kept changing concurrently; try again"
+                    ) from None
+                log.info("desired state of %s changed meanwhile; retrying", exc.device_id)
+        raise AssertionError("unreachable")
+
+    def twin(self, device_id: str) -> TwinView:
+        """Desired and reported twin of ``device_id`` and where they differ."""
+        return TwinView.of(self.get_device(device_id))
+
+    def _set_desired(self, ids: list[str], patch: Mapping[str, Any]) -> list[DeviceView]:
+        now = self._clock()
+        with self._db.session() as session:
+            # Lock first: an UPDATE that changes nothing takes the rows' locks on PostgreSQL
+            # and the write lock on SQLite (waiting for it, where a read-then-write upgrade
+            # would fail at once), so the rows read below stay as read until commit.
+            session.exec(
+                sa.update(Device)
+                .where(col(Device.device_id).in_(ids))
+                .values(desired_version=col(Device.desired_version))
+                .execution_options(synchronize_session=False)
+            )
+            query = select(Device).where(col(Device.device_id).in_(ids))
+            found = {device.device_id: device for device in session.exec(query).all()}
+            missing = [device_id for device_id in ids if device_id not in found]
+            if missing:
+                raise NotFoundError(
+                    f"unknown device{'s' if len(missing) > 1 else ''}: "
+                    + ", ".join(repr(device_id) for device_id in missing)
+                    + " (devices are known once enrolled or once they reported)"
+                )
+            views = []
+            for device_id in ids:
+                device = found[device_id]
+                view = DeviceView.from_device(device)
+                merged = merge_desired(device.desired, patch)
+                if merged == device.desired:
+                    views.append(view)
+                    continue
+                version = device.desired_version + 1
+                changes = {
+                    "desired": merged,
+                    "desired_version": version,
+                    "desired_at": now,
+                    "updated_at": now,
+                }
+                view = view.model_copy(update=changes)
+                encode_desired(view)  # refuse what the protocol cannot carry, before writing
+                written = session.exec(
+                    sa.update(Device)
+                    .where(
+                        col(Device.device_id) == device_id,
+                        col(Device.desired_version) == device.desired_version,
+                    )
+                    .values(**changes)
+                    .returning(col(Device.device_id))
+                    .execution_options(synchronize_session=False)
+                ).first()
+                if written is None:
+                    raise _ConcurrentChangeError(device_id)
+                views.append(view)
+        return views
+
     def _upsert(
         self,
         device_id: str,
@@ -245,6 +344,17 @@ class FleetService:
                 where=applies(insert.excluded),
             ).returning(col(Device.device_id))
             return session.exec(upsert).first() is not None
+
+
+_DESIRED_ATTEMPTS = 5
+
+
+class _ConcurrentChangeError(Exception):
+    """Another transaction changed a device's desired twin after this one read it."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(device_id)
+        self.device_id = device_id
 
 
 def _require_json(document: Mapping[str, Any], what: str) -> None:

@@ -1,5 +1,6 @@
-"""The hub process: MQTT bridge, API and background jobs, composed."""
+"""The hub process: MQTT bridge, desired-state publisher, API and background jobs, composed."""
 
 from edgeops.hub.bridge import HubBridge
+from edgeops.hub.desired import DesiredPublisher
 
-__all__ = ["HubBridge"]
+__all__ = ["DesiredPublisher", "HubBridge"]
