@@ -304,11 +304,17 @@ class AgentSettings(FileBackedSettings):
         """Copy ``trust_root_file`` in as the trusted root on first start; its path, or None.
 
         A root already there is kept: after a root rotation it is newer than the provisioned
-        file. ConfigError if the file is missing or is not a TUF root document.
+        file. So is a ``root.json`` symlink whose target is gone, and a ``root_history/`` with
+        any root in it (ngclient replaces ``root.json`` by unlink + symlink; a power cut in
+        between must not bring the factory root back). ConfigError if the file is missing or
+        is not a TUF root document.
         """
         installed = self.trust_dir / "metadata" / "root.json"
-        if installed.exists() or self.trust_root_file is None:
-            return installed if installed.exists() else None
+        history = installed.parent / "root_history"
+        if os.path.lexists(installed) or any(history.glob("*.root.json")):
+            return installed
+        if self.trust_root_file is None:
+            return None
         source = self.trust_root_file
         try:
             data = source.read_bytes()

@@ -53,7 +53,7 @@ from device_agent._version import __version__
 from device_agent.buffer import BufferDrain, OfflineBuffer
 from device_agent.config import AgentSettings
 from device_agent.dispatch import Dispatcher
-from device_agent.errors import AgentError, ProtocolError
+from device_agent.errors import AgentError, LinkError, ProtocolError
 from device_agent.fsio import atomic_write_json
 from device_agent.health import HealthEndpoint
 from device_agent.link import Connected, Disconnected, Message, MqttLink, Will
@@ -161,6 +161,7 @@ class AgentDaemon:
         self.samples_total = 0
         self.windows_total = 0
         self.errors: Counter[str] = Counter()
+        self._champion_errors_base = 0  # errors["runtime"] when the champion was installed
         self._model_error: str | None = None
         self._source_error: str | None = None
         self._source_done = False  # exhausted, or failed for good
@@ -268,6 +269,7 @@ class AgentDaemon:
         log.info("source %s open", kind)
 
     def _install_champion(self, bundle: ModelBundle, runtime: Runtime) -> None:
+        self._champion_errors_base = self.errors["runtime"]  # counted from here on
         self.champion_bundle, self.champion = bundle, runtime
         self._model_error = None
         self.aggregator = WindowAggregator(
@@ -301,6 +303,7 @@ class AgentDaemon:
             self._close_window()  # a window speaks of one champion
         old = self.champion
         if bundle is None or runtime is None:
+            self._champion_errors_base = self.errors["runtime"]
             self.champion_bundle, self.champion, self.aggregator = None, None, None
         else:
             self._install_champion(bundle, runtime)
@@ -315,8 +318,12 @@ class AgentDaemon:
         return self._source_shape
 
     def _champion_health(self) -> ChampionHealth:
-        champion = self.champion
-        return ChampionHealth(champion.model_id if champion else None, self.errors["runtime"])
+        """The champion and its runtime errors since it was installed (on this thread, at the
+        swap: errors of the model it replaced never count against it)."""
+        champion, base = self.champion, self._champion_errors_base
+        return ChampionHealth(
+            champion.model_id if champion else None, self.errors["runtime"] - base
+        )
 
     def _report_update(self, transition: Transition) -> None:
         """An updater transition (worker thread): an ``update`` event, and a state re-publish."""
@@ -324,6 +331,10 @@ class AgentDaemon:
         self._state_changed.set()
 
     def _send_fetch(self, payload: bytes) -> None:
+        """Publish a ``fetch/req``; LinkError while disconnected (paho would queue it, and
+        flush every queued resend at the reconnect, each answered with a whole chunk)."""
+        if not self.link.connected:
+            raise LinkError("the MQTT link is down; fetch request not sent")
         self.link.publish(device_topic(self.device_id, Channel.FETCH_REQ), payload, qos=QOS)
 
     def _start_health_server(self) -> None:

@@ -10,6 +10,28 @@ from pathlib import Path
 from typing import Any
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dir(path: Path) -> None:
+    """Create directory ``path`` and its missing parents, fsyncing the parent of each one
+    created, so a power cut never loses a directory files were then written into."""
+    missing: list[Path] = []
+    current = Path(path)
+    while not current.is_dir() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        fsync_dir(directory.parent)
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that a power cut leaves the old or the new file."""
     atomic_write_chunks(path, [data], mode=mode)
@@ -17,7 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 def atomic_write_chunks(path: Path, chunks: Iterable[bytes], *, mode: int = 0o644) -> None:
     """Like :func:`atomic_write_bytes`, streaming ``chunks`` (for large files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
@@ -31,11 +53,7 @@ def atomic_write_chunks(path: Path, chunks: Iterable[bytes], *, mode: int = 0o64
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, document: Any, *, mode: int = 0o644) -> None:

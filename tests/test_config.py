@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,28 @@ def test_agent_settings_share_data_dir_and_broker_with_the_hub(
 def test_agent_settings_refuse_a_bad_device_id() -> None:
     with pytest.raises(ConfigError, match="device id 'a/b' is invalid"):
         AgentSettings.load(device_id="a/b")
+
+
+def test_the_factory_root_never_replaces_a_rotated_one(tmp_path: Path) -> None:
+    factory = tmp_path / "root-v1.json"
+    factory.write_text(json.dumps({"signed": {"_type": "root", "version": 1}, "signatures": []}))
+    settings = AgentSettings(
+        device_id="rot-1",
+        mqtt_url="mqtt://127.0.0.1:1",
+        data_dir=tmp_path / "data",
+        trust_root_file=factory,
+    )
+    metadata = settings.trust_dir / "metadata"
+    installed = metadata / "root.json"
+    (metadata / "root_history").mkdir(parents=True)
+    # ngclient unlinks root.json, then links it to the new root: a kill between the two
+    installed.symlink_to("root_history/2.root.json")  # its target never reached the disk
+    assert settings.provision_trust_root() == installed
+    assert installed.is_symlink()
+    installed.unlink()  # the kill came before the new link
+    (metadata / "root_history" / "2.root.json").write_text("{}")
+    assert settings.provision_trust_root() == installed
+    assert not installed.exists()  # the trust client uses the history
+    (metadata / "root_history" / "2.root.json").unlink()
+    assert settings.provision_trust_root() == installed  # a fresh device: provisioned
+    assert installed.read_bytes() == factory.read_bytes()

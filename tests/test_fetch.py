@@ -21,6 +21,9 @@ import pytest
 from tuf.api import exceptions as tuf_exceptions
 
 from device_agent import failpoints
+from device_agent.config import AgentSettings
+from device_agent.daemon import AgentDaemon
+from device_agent.errors import LinkError
 from device_agent.fetch import HttpFetcher, MqttFetcher
 from device_agent.fetch.wire import FetchRequest, FetchResponse, encode_response
 from device_agent.link import Message, MqttEndpoint, MqttLink
@@ -641,3 +644,37 @@ def test_fetchers_refuse_bad_settings() -> None:
         fetcher.download_bytes("https://hub/metadata/root.json", 10)
     with pytest.raises(tuf_exceptions.DownloadError, match="not allowed"):
         fetcher.download_bytes("mqtt:metadata/../keys/online/targets.pem", 10)
+
+
+# -- review fixes: requests are not queued while the link is down -----------------------------
+
+
+def test_a_request_the_link_refuses_is_tried_again_and_not_counted() -> None:
+    data = b"x" * 100
+    attempts: list[bytes] = []
+
+    def send(payload: bytes) -> None:
+        attempts.append(payload)
+        if len(attempts) <= 2:
+            raise LinkError("the MQTT link is down; fetch request not sent")
+        request = _request_of(payload)
+        header = FetchResponse(request.req_id, request.path, request.offset, total=len(data))
+        fetcher.deliver(encode_response(header, data))
+
+    fetcher = MqttFetcher(send, timeout_s=0.05, deadline_s=10.0)
+    assert fetcher.download_bytes(mqtt_url("metadata/timestamp.json"), 16384) == data
+    assert len(attempts) == 3 and len(set(attempts)) == 1  # the same request each time
+    assert fetcher.counters.requests == 1
+    assert fetcher.counters.resends == 0  # the refused copies were never sent
+
+
+def test_the_daemon_sends_no_fetch_request_while_disconnected(tmp_path: Path) -> None:
+    settings = AgentSettings(
+        device_id="fetch-down", mqtt_url="mqtt://127.0.0.1:1", data_dir=tmp_path / "data"
+    )
+    daemon = AgentDaemon(settings)
+    assert not daemon.link.connected
+    publishes = daemon.link.stats.publishes
+    with pytest.raises(LinkError, match="link is down"):
+        daemon._send_fetch(b"request")
+    assert daemon.link.stats.publishes == publishes  # nothing queued in paho for later

@@ -9,12 +9,14 @@ must come out as a :class:`TrustError` of the specific kind.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from securesystemslib.signer import CryptoSigner, Signer
@@ -492,3 +494,101 @@ def test_every_tuf_error_maps_to_one_kind(error: Exception, target: bool, kind: 
     mapped = trust_error(error, "somewhere", target=target)
     assert mapped.kind == kind
     assert str(mapped).startswith("somewhere: ")
+
+
+# -- review fixes -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def http_hub(repo: TufRepo) -> Iterator[RangeServer]:
+    server = RangeServer(repo.directory)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_newest_parseable_root_in_the_history_is_trusted(repo: TufRepo, tmp_path: Path) -> None:
+    metadata_dir = provision(tmp_path, repo)  # root.json: the factory root, copied back
+    history = metadata_dir / "root_history"
+    history.mkdir()
+    v1 = repo.read("1.root.json")
+    repo.root.signed.version = 2
+    v2 = repo.write_root()
+    (history / "1.root.json").write_bytes(v1)
+    (history / "2.root.json").write_bytes(v2)
+    (history / "3.root.json").write_bytes(b"\0" * 512)  # a power cut before it reached disk
+    client = TrustClient(metadata_dir, HttpFetcher("http://127.0.0.1:9"), tmp_path / "targets")
+    assert client._root_bytes() == v2
+    (history / "2.root.json").write_bytes(b"")
+    assert client._root_bytes() == v1
+    (metadata_dir / "root.json").write_bytes(v2)
+    for path in history.iterdir():
+        path.write_bytes(b"{}")
+    assert client._root_bytes() == v2  # no root in the history parses: root.json
+
+
+def test_metadata_and_the_root_history_are_written_durably(
+    http_hub: RangeServer, repo: TufRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from device_agent.updater import trust
+
+    written: list[str] = []
+    real = trust.atomic_write_bytes
+
+    def spy(path: Path, data: bytes) -> None:
+        written.append(path.relative_to(metadata_dir).as_posix())
+        real(path, data)
+
+    monkeypatch.setattr(trust, "atomic_write_bytes", spy)
+    metadata_dir = provision(tmp_path, repo)
+    TrustClient(metadata_dir, HttpFetcher(http_hub.url), tmp_path / "targets").refresh()
+    assert written == [
+        "root_history/1.root.json", "timestamp.json", "snapshot.json", "targets.json",
+    ]  # fmt: skip
+    assert (metadata_dir / "root.json").resolve() == metadata_dir / "root_history/1.root.json"
+
+
+def test_the_trust_directories_are_created_durably(
+    repo: TufRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metadata_dir = provision(tmp_path, repo)
+    fsynced: list[Path] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        fsynced.append(Path(f"/proc/self/fd/{fd}").readlink())
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    targets_dir = metadata_dir.parent / "targets"
+    TrustClient(metadata_dir, HttpFetcher("http://127.0.0.1:9"), targets_dir)._new_updater()
+    assert targets_dir.is_dir() and metadata_dir.parent in fsynced  # the entry of targets/
+    assert metadata_dir in fsynced  # the entries of root_history/ and root.json
+
+
+def test_a_resumed_download_that_fails_verification_starts_over_once(
+    http_hub: RangeServer, repo: TufRepo, tmp_path: Path
+) -> None:
+    data = b"model bytes " * 1000
+    fetcher = HttpFetcher(http_hub.url, partial_dir=tmp_path / "partial")
+    client = TrustClient(provision(tmp_path, repo), fetcher, tmp_path / "targets")
+    target = client.get_target(TARGET)
+    served = repo.target_file(TARGET, data).relative_to(repo.directory / "targets")
+    partial = fetcher.partial_path(fetcher.target_base_url + served.as_posix())
+    assert partial is not None
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data[:4000] + b"\0" * 2000)  # a power cut's zero-filled tail
+    assert client.download(target).read_bytes() == data
+    assert not partial.exists()
+
+    # a tampered artifact is refused after that one fresh try
+    (tmp_path / "targets" / quote(TARGET, safe="")).unlink()
+    file = repo.target_file(TARGET, data)
+    file.write_bytes(data[:-1] + b"!")
+    partial.write_bytes(data[:4000])
+    ranges = len(http_hub.ranges)
+    assert refused(client).kind == "hash_mismatch"
+    assert http_hub.ranges[ranges:] == ["bytes=4000-11999", "bytes=0-11999"]
+    assert not partial.exists()

@@ -10,7 +10,9 @@ BaseException nothing in the updater catches, is raised there instead of SIGKILL
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +23,10 @@ import pytest
 from tuf.api.metadata import TargetFile
 
 from device_agent.card import ModelCard
+from device_agent.config import AgentSettings
+from device_agent.daemon import AgentDaemon
 from device_agent.errors import AgentError
+from device_agent.fsio import make_dir
 from device_agent.runtime import ModelBundle, Runtime, open_runtime
 from device_agent.updater.errors import ContractError, TrustError
 from device_agent.updater.machine import (
@@ -63,6 +68,8 @@ class LocalRepository:
     customs: dict[str, dict[str, Any]] = field(default_factory=dict)
     transport_failures: int = 0
     tamper: bool = False
+    no_space_in: Path | None = None
+    """If set, a download writes a partial file there, then the disk is full (ENOSPC)."""
     downloaded: int = 0
     refreshed: int = 0
 
@@ -97,6 +104,10 @@ class LocalRepository:
 
     def download(self, target: TargetFile) -> Path:
         self.downloaded += 1
+        if self.no_space_in is not None:
+            self.no_space_in.mkdir(parents=True, exist_ok=True)
+            (self.no_space_in / "0123.part").write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
         self.downloads.mkdir(parents=True, exist_ok=True)
         destination = self.downloads / Path(target.path).name
         shutil.copyfile(self.files[target.path], destination)
@@ -115,7 +126,10 @@ def contract(custom: Any) -> ModelCard:
 
 
 class Host:
-    """The daemon's side: a real runtime as the champion, and the reported transitions."""
+    """The daemon's side: a real runtime as the champion, and the reported transitions.
+
+    ``runtime_errors`` counts the champion's errors since it was loaded, as the daemon does.
+    """
 
     def __init__(self, slots: Slots) -> None:
         self.slots = slots
@@ -131,6 +145,7 @@ class Host:
         if self.champion is not None:
             self.champion.close()
         self.champion = None if bundle_dir is None else open_runtime(ModelBundle.load(bundle_dir))
+        self.runtime_errors = 0
 
     def activate(self, bundle_dir: Path | None) -> None:
         self.activations.append(bundle_dir)
@@ -573,3 +588,130 @@ def test_record_round_trips_and_a_damaged_state_file_means_idle(
     updater, _host = make_updater(state_dir, repo)
     assert updater.state == S.IDLE and updater.boot(TARGET) is False
     assert set(AT_REST) == {S.IDLE, S.COMMITTED, S.ROLLED_BACK}
+
+
+# -- review fixes ----------------------------------------------------------------------------
+
+
+def test_errors_of_the_replaced_champion_do_not_hide_the_new_models(
+    state_dir: Path, repo: LocalRepository
+) -> None:
+    updater, host = make_updater(state_dir, repo, health_s=5.0)
+    host.runtime_errors = 5  # the old champion failed on samples before the swap
+    host.fail_after_activation = True  # the new one fails on 3
+    assert updater.update(TARGET) == S.ROLLED_BACK
+    failed = next(t for t in host.transitions if t.event == E.FAILED)
+    assert failed.reason is not None and "failed on 3 sample(s)" in failed.reason
+
+
+def test_the_daemon_counts_runtime_errors_from_the_swap_on(
+    tmp_path: Path, float_model_dir: Path
+) -> None:
+    settings = AgentSettings(
+        device_id="health-1", mqtt_url="mqtt://127.0.0.1:1", data_dir=tmp_path / "data"
+    )
+    daemon = AgentDaemon(settings)
+    daemon.errors["runtime"] = 4  # the old champion's samples, run until the swap
+    daemon._swap_champion(float_model_dir)
+    try:
+        model_id = ModelBundle.load(float_model_dir).model_id
+        assert daemon._champion_health() == ChampionHealth(model_id, 0)
+        daemon.errors["runtime"] += 1
+        assert daemon._champion_health() == ChampionHealth(model_id, 1)
+    finally:
+        daemon._swap_champion(None)
+
+
+def test_a_full_disk_frees_the_download_and_fails_the_update(
+    state_dir: Path, repo: LocalRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from device_agent.updater import updater as updater_module
+
+    updater, host = make_updater(state_dir, repo)
+    repo.no_space_in = updater.partial_dir
+    real_write = updater_module.atomic_write_json
+
+    def write_while_space(path: Path, document: Any) -> None:
+        if list(updater.partial_dir.glob("*.part")):  # the partial fills the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, document)
+
+    monkeypatch.setattr(updater_module, "atomic_write_json", write_while_space)
+    assert updater.update(TARGET) == S.ROLLED_BACK
+    assert host.path() == [
+        ("start", "downloading"), ("failed", "rolling_back"), ("rolled_back", "rolled_back"),
+    ]  # fmt: skip
+    assert host.transitions[1].reason == "io: [Errno 28] No space left on device"
+    assert repo.downloaded == 1 and list(updater.partial_dir.glob("*.part")) == []
+    assert json.loads(updater.state_file.read_text())["state"] == "rolled_back"
+
+
+def test_no_download_without_room_for_two_copies(
+    state_dir: Path, repo: LocalRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    updater, host = make_updater(state_dir, repo)
+    assert updater.update(TARGET) == S.ROLLED_BACK
+    failed = host.transitions[1]
+    assert failed.event == E.FAILED and failed.reason is not None
+    assert failed.reason.startswith("io: 1000 bytes free")
+    assert repo.downloaded == 0 and updater.slots.pointer() == Pointer(active="a")
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every path fsync'd from now on."""
+    seen: list[Path] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        seen.append(Path(f"/proc/self/fd/{fd}").readlink())
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return seen
+
+
+def test_make_dir_fsyncs_the_parent_of_each_directory_it_creates(
+    tmp_path: Path, fsynced: list[Path]
+) -> None:
+    make_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+    assert fsynced == [tmp_path, tmp_path / "a"]
+    fsynced.clear()
+    make_dir(tmp_path / "a" / "b")
+    assert fsynced == []
+
+
+def test_the_slot_and_update_directories_are_created_durably(
+    tmp_path: Path, repo: LocalRepository, int8_model_dir: Path, fsynced: list[Path]
+) -> None:
+    state = tmp_path / "fresh"
+    state.mkdir()
+    assert Slots(state / "slots").seed(int8_model_dir)
+    assert state in fsynced  # the entry of slots/
+    fsynced.clear()
+    updater, _ = make_updater(state, repo)
+    assert updater.update(TARGET) == S.COMMITTED
+    assert state in fsynced  # the entry of update/
+
+
+def test_the_slots_report_never_pairs_an_old_target_with_a_new_model(
+    state_dir: Path, repo: LocalRepository, int8_model_dir: Path, cuts: Cuts
+) -> None:
+    second, third = "digits-mlp/3/litert/model.tflite", "digits-mlp/4/litert/model.tflite"
+    repo.add(second, int8_model_dir)
+    repo.add(third, int8_model_dir)
+    updater, _ = make_updater(state_dir, repo)
+    assert updater.update(TARGET) == S.COMMITTED  # slot b
+    assert updater.update(second) == S.COMMITTED  # slot a
+    cuts.armed = "updater.enter:testing"  # slot b now holds the third release's model
+    with pytest.raises(PowerCut):
+        updater.update(third)
+    report = updater.slots.describe()
+    int8 = ModelBundle.load(int8_model_dir).model_id
+    assert report["b"] == {"target": None, "model_id": int8}
+    assert report["a"] == {"target": second, "model_id": int8}
+    updater, _ = restart(state_dir, repo, third)
+    assert updater.slots.describe()["b"] == {"target": third, "model_id": int8}

@@ -12,8 +12,10 @@ Both are :class:`tuf.ngclient.FetcherInterface` implementations built on
   URL>.part``, fsync'd after every chunk; after a restart the download goes on from that
   file's length. The file is removed once the target was verified and handed over, and when
   its content turned out to be wrong (a length or hash mismatch, a file that changed under
-  the download), so the next attempt starts afresh. Metadata is small and always fetched
-  whole into a temporary file.
+  the download), so the next attempt starts afresh; a resumed download that fails
+  verification raises :class:`ResumedMismatchError` (its kept bytes may be what was wrong, so
+  the trust client tries once more from byte 0). Metadata is small and always fetched whole
+  into a temporary file.
 * **Failpoints.** After each target chunk is written and fsync'd,
   :func:`device_agent.failpoints.check_bytes` is called with the number of target bytes this
   fetcher has received and written so far (in this process), so a test can cut the power at
@@ -43,6 +45,7 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
 from device_agent import failpoints
+from device_agent.fsio import make_dir
 
 __all__ = [
     "FetchCounters",
@@ -50,6 +53,7 @@ __all__ = [
     "HttpFetcher",
     "MqttFetcher",
     "ResumableFetcher",
+    "ResumedMismatchError",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,17 @@ log = logging.getLogger(__name__)
 
 class FileChangedError(tuf_exceptions.DownloadError):
     """The server's file changed size in the middle of a download (its bytes are discarded)."""
+
+
+class ResumedMismatchError(tuf_exceptions.LengthOrHashMismatchError):
+    """A download resumed from a partial file failed verification (the partial is removed).
+
+    The kept bytes may be what was wrong (a power cut can leave a zero-filled tail), so the
+    download deserves one more try from the start."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
 
 
 class FetchCounters:
@@ -200,7 +215,7 @@ class ResumableFetcher(FetcherInterface):
                 temp.seek(0)
                 yield temp
             return
-        partial.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(partial.parent)
         discard = False
         with partial.open("a+b") as handle:
             try:
@@ -217,6 +232,7 @@ class ResumableFetcher(FetcherInterface):
                     offset = 0
                 elif offset:
                     log.info("resuming %s at byte %d of %d", url, offset, max_length)
+                resumed_from = offset
                 try:
                     for data in self._checked(url, offset, max_length):
                         handle.write(data)
@@ -229,8 +245,10 @@ class ResumableFetcher(FetcherInterface):
                 handle.seek(0)
                 try:
                     yield handle
-                except tuf_exceptions.LengthOrHashMismatchError:
+                except tuf_exceptions.LengthOrHashMismatchError as exc:
                     discard = True
+                    if resumed_from > 0 and not isinstance(exc, ResumedMismatchError):
+                        raise ResumedMismatchError(str(exc), resumed_from) from exc
                     raise
                 discard = True  # verified and handed over: nothing left to resume
             finally:

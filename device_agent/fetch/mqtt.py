@@ -7,8 +7,10 @@ daemon calls it from its main loop). Downloads run on another thread (the update
 each chunk is one request, answered by one response frame (see :mod:`device_agent.fetch.wire`).
 
 A request that gets no answer within ``timeout_s`` is sent again with the same offset and the
-same request id, so a late answer to an earlier copy still counts; while the broker is away
-the requests wait in paho's queue and the download goes on from its offset once the link is
+same request id, so a late answer to an earlier copy still counts. While the broker is away
+``send`` raises (the daemon's refuses to queue requests in paho, each of which would be
+answered with a full chunk after the reconnect); such a copy is not counted, the fetcher waits
+``timeout_s`` and tries again, and the download goes on from its offset once the link is
 back. A chunk is given up when no answer arrived for ``deadline_s`` seconds since it was first
 asked for (:class:`~tuf.api.exceptions.SlowRetrievalError`). Answers to unknown or finished
 requests are counted as ``stale`` and ignored; malformed frames, and frames that do not answer
@@ -190,8 +192,8 @@ class MqttFetcher(ResumableFetcher):
             started = time.monotonic()
             sent = 0
             while True:
-                self._publish(payload, request, resend=sent > 0)
-                sent += 1
+                if self._publish(payload, request, resend=sent > 0):
+                    sent += 1
                 remaining = self.deadline_s - (time.monotonic() - started)
                 if pending.answered.wait(max(0.0, min(self.timeout_s, remaining))):
                     break
@@ -220,18 +222,21 @@ class MqttFetcher(ResumableFetcher):
             )
         return header, pending.data
 
-    def _publish(self, payload: bytes, request: FetchRequest, *, resend: bool) -> None:
+    def _publish(self, payload: bytes, request: FetchRequest, *, resend: bool) -> bool:
+        """Send one copy of ``request``; False if it was not sent (the link is down: it is
+        tried again after ``timeout_s``, and not counted as a request)."""
         try:
             self._send(payload)
-        except (AgentError, OSError) as exc:  # the link is down: the next resend retries
+        except (AgentError, OSError) as exc:
             log.info("fetch request for %s not sent: %s", request.path, exc)
-            return
+            return False
         self.counters.add(
             bytes_on_wire=len(payload) + self._req_topic_bytes,
             bytes_requested=request.length,
             requests=1,
             resends=int(resend),
         )
+        return True
 
 
 def _repository_path(url: str) -> str:

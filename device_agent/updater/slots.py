@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from device_agent.card import ModelCard
 from device_agent.errors import AgentError
-from device_agent.fsio import atomic_write_bytes, atomic_write_chunks, atomic_write_json
+from device_agent.fsio import (
+    atomic_write_bytes,
+    atomic_write_chunks,
+    atomic_write_json,
+    fsync_dir,
+    make_dir,
+)
 from device_agent.runtime import CARD_FILE, MODEL_FILES, ModelBundle
 
 __all__ = ["POINTER_FILE", "SLOT_NAMES", "Pointer", "SlotError", "Slots", "fsync_dir"]
@@ -41,15 +46,6 @@ _CHUNK = 1 << 20
 
 class SlotError(AgentError):
     """A slot or the pointer file is unusable; the message names the path."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (creations, renames, removals) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -139,13 +135,20 @@ class Slots:
     # -- writing ---------------------------------------------------------------------------
 
     def wipe(self, slot: str) -> None:
-        """Remove everything in ``slot``; refused for the active slot."""
-        if slot == self.active():
+        """Remove everything in ``slot``; refused for the active slot.
+
+        The pointer forgets the slot's target path first, so it never pairs that target with
+        the model written into the slot next."""
+        pointer = self.pointer()
+        if pointer is not None and slot == pointer.active:
             raise SlotError(f"slot {slot} is active; only the inactive slot is written")
+        if pointer is not None and slot in pointer.targets:
+            targets = {k: v for k, v in pointer.targets.items() if k != slot}
+            self.switch(replace(pointer, targets=targets))
         directory = self.dir(slot)
         if directory.exists():
             shutil.rmtree(directory)
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dir(self.root)
         fsync_dir(self.root)
 
     def write(self, slot: str, model_file: Path, card: ModelCard) -> ModelBundle:
@@ -194,7 +197,7 @@ class Slots:
 
     def switch(self, pointer: Pointer | None) -> None:
         """Replace the pointer atomically (None removes it: no slot is active)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dir(self.root)
         if pointer is None:
             self.pointer_file.unlink(missing_ok=True)
             fsync_dir(self.root)

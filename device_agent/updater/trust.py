@@ -23,13 +23,15 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_exceptions
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
+from device_agent.fetch import ResumedMismatchError
 from device_agent.fetch.mqtt import METADATA_BASE_URL, TARGET_BASE_URL
+from device_agent.fsio import atomic_write_bytes, fsync_dir, make_dir
 from device_agent.updater.errors import TrustError, UnknownTargetError, UpdateRefused
 
 __all__ = ["ROOT_FILE", "TrustClient", "trust_error"]
@@ -79,41 +81,52 @@ class TrustClient:
     # -- trust anchor -----------------------------------------------------------------------
 
     def _root_bytes(self) -> bytes:
-        """The newest root this device verified (or was provisioned with)."""
+        """The newest root this device verified (or was provisioned with).
+
+        That is the highest-version root in ``root_history/`` that parses (ngclient writes
+        only verified roots there), else ``root.json``: after a power cut ``root.json`` may be
+        missing, or a stale copy of the provisioned root, while the history holds the newer
+        one.
+        """
         root = self.metadata_dir / ROOT_FILE
+        history = self.metadata_dir / ROOT_HISTORY
+        versions = sorted(
+            (
+                (int(path.name.split(".", 1)[0]), path)
+                for path in history.glob("*.root.json")
+                if path.name.split(".", 1)[0].isdigit()
+            ),
+            reverse=True,
+        )
+        for _, path in versions:
+            try:
+                data = path.read_bytes()
+                parsed = Metadata[Root].from_bytes(data)
+            except (OSError, DeserializationError) as exc:
+                log.warning("verified root %s unusable (%s); trying an older one", path, exc)
+                continue
+            if parsed.signed.type == Root.type:  # not another role under a root name
+                return data
+            log.warning("%s holds no root metadata; trying an older one", path)
         try:
             return root.read_bytes()
         except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise UpdateRefused(
-                "no_trusted_root", f"trusted root {root} unreadable: {exc}"
-            ) from exc
-        history = self.metadata_dir / ROOT_HISTORY
-        versions = sorted(
-            (int(path.name.split(".", 1)[0]), path)
-            for path in history.glob("*.root.json")
-            if path.name.split(".", 1)[0].isdigit()
-        )
-        if not versions:
             raise UpdateRefused(
                 "no_trusted_root",
                 f"no trusted root: {root} is missing (provision the hub's root.json with the "
                 "agent setting trust_root_file)",
-            )
-        newest = versions[-1][1]
-        log.warning("%s is missing; trusting the newest verified root %s", root, newest)
-        try:
-            return newest.read_bytes()
+            ) from None
         except OSError as exc:
-            raise UpdateRefused("no_trusted_root", f"trusted root {newest}: {exc}") from exc
+            raise UpdateRefused(
+                "no_trusted_root", f"trusted root {root} unreadable: {exc}"
+            ) from exc
 
     def _new_updater(self) -> Updater:
-        self.metadata_dir.mkdir(parents=True, exist_ok=True)
-        self.targets_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.metadata_dir)
+        make_dir(self.targets_dir)
         bootstrap = self._root_bytes()
         try:
-            return Updater(
+            return _DurableUpdater(
                 str(self.metadata_dir),
                 self.metadata_base_url,
                 str(self.targets_dir),
@@ -174,10 +187,22 @@ class TrustClient:
             return final
         temporary = final.with_name(f".{final.name}.download")
         try:
-            self._updater.download_target(target, str(temporary))
+            try:
+                self._updater.download_target(target, str(temporary))
+            except ResumedMismatchError as exc:  # e.g. a zero-filled tail left by a power cut
+                log.warning(
+                    "resumed download of %s failed verification (%s); downloading it again "
+                    "from the start",
+                    target.path,
+                    exc,
+                )
+                self._updater.download_target(target, str(temporary))  # the partial is gone
         except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError) as exc:
             temporary.unlink(missing_ok=True)
             raise trust_error(exc, f"target {target.path!r}", target=True) from exc
+        except OSError:  # e.g. a full disk: leave no half-written copy behind
+            temporary.unlink(missing_ok=True)
+            raise
         with temporary.open("rb") as handle:
             os.fsync(handle.fileno())
         temporary.replace(final)
@@ -187,6 +212,18 @@ class TrustClient:
         finally:
             os.close(directory)
         return final
+
+
+class _DurableUpdater(Updater):
+    """ngclient's updater, writing metadata (and the root history) temp + fsync + rename +
+    directory fsync, so a power cut never leaves a verified root or metadata file empty."""
+
+    def _persist_file(self, filename: str, data: bytes) -> None:
+        atomic_write_bytes(Path(filename), data)
+
+    def _update_root_symlink(self) -> None:
+        super()._update_root_symlink()
+        fsync_dir(Path(self._dir))
 
 
 def trust_error(exc: Exception, where: str, *, target: bool = False) -> TrustError:

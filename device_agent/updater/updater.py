@@ -15,14 +15,16 @@ Steps, one per state:
 - ``testing``: smoke test (the bundle loads in its runtime and reproduces the card's test
   vectors within tolerance); then the pointer is switched (the activation) and the host swaps
   the champion; then, for ``health_s`` seconds, the champion must stay the new model and
-  answer samples without runtime errors.
+  answer samples without runtime errors (the host counts them from the swap on).
 - ``rolling_back``: if the pointer was switched, it is switched back to what it was before the
   activation and the host reloads that champion.
 
 Transient failures (transport, I/O) retry the same state; every retry and every resume after
 a restart counts an attempt, and past ``max_attempts`` the update fails and rolls back. A
-refusal (trust, contract, smoke test, health) fails at once. A target that was rolled back is
-not tried again until the desired release names another one.
+refusal (trust, contract, smoke test, health) fails at once. So does a full disk (``io``):
+``ENOSPC`` removes the partial and downloaded files first (so the state can be written), and
+no download starts with less than twice the target's length free. A target that was rolled
+back is not tried again until the desired release names another one.
 
 Resume map, applied by :meth:`Updater.boot` at start-up, before the champion is loaded:
 
@@ -52,8 +54,10 @@ check).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -144,6 +148,8 @@ class ChampionHealth:
 
     model_id: str | None
     runtime_errors: int
+    """Runtime errors since this champion was installed (the host counts from the swap, on
+    the thread that runs the samples, so the previous model's errors never count)."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,7 @@ class UpdaterHost(Protocol):
         cannot be loaded."""
 
     def health(self) -> ChampionHealth:
-        """The running champion's model id and its runtime errors so far."""
+        """The running champion's model id and its runtime errors since it was installed."""
 
     def report(self, transition: Transition) -> None:
         """Send ``transition`` to the hub (an ``update`` event)."""
@@ -474,7 +480,12 @@ class Updater:
             except UpdaterStoppedError:
                 log.info("updater stopped in %s; resumed at the next start", state)
                 return self.record.state
-            except (LinkError, OSError) as exc:
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    self._out_of_space(exc)
+                else:
+                    self._transient(exc)
+            except LinkError as exc:
                 self._transient(exc)
             except AgentError as exc:
                 if getattr(exc, "kind", None) == "transport":
@@ -495,6 +506,12 @@ class Updater:
             return
         self._apply(_E.RETRY, describe(exc), attempt=attempt)
         self.stop_event.wait(self.retry_delay_s)  # a stop ends resume(); the next start goes on
+
+    def _out_of_space(self, exc: OSError) -> None:
+        """The disk is full: free what this update wrote, then fail it (a retry would fail
+        the same way, and the state file could not even be written)."""
+        self._remove_downloads()
+        self._apply(_E.FAILED, describe(exc))
 
     def _step(self, state: UpdateState) -> None:
         if state == _S.DOWNLOADING:
@@ -524,6 +541,13 @@ class Updater:
     def _download(self) -> None:
         target = self._target_file()
         self._contract(target.custom)  # refuse an incompatible target before its bytes flow
+        free = shutil.disk_usage(self.state_dir).free
+        if free < 2 * target.length:
+            raise UpdateRefused(
+                "io",
+                f"{free} bytes free in {self.state_dir}; the target of {target.length} bytes "
+                f"needs {2 * target.length} (download and slot)",
+            )
         path = self._client().download(target)
         self._apply(_E.DOWNLOADED, None, artifact=str(path))
 
@@ -569,7 +593,6 @@ class Updater:
             )
             # the pointer to restore on rollback is on disk before the switch
             self._save(replace(record, pointer_before=before.to_dict() if before else None))
-            baseline = self.host.health().runtime_errors
             self.slots.switch(new)
             failpoints.check("updater.switched")
             try:
@@ -579,16 +602,15 @@ class Updater:
             except AgentError as exc:
                 raise UpdateRefused("activation", str(exc)) from exc
             model_id = bundle.model_id
-        else:
-            baseline = self.host.health().runtime_errors
+        else:  # loaded at this start: every error since is the new model's
             model_id = ModelBundle.load(slot_dir).model_id
-        self._health_check(model_id, baseline)
+        self._health_check(model_id)
         self._apply(_E.HEALTHY, None)
         self._discard_artifact()
 
-    def _health_check(self, model_id: str, baseline: int) -> None:
-        """The champion must be ``model_id`` and add no runtime errors to ``baseline`` (its
-        count before the activation) for ``health_s`` seconds."""
+    def _health_check(self, model_id: str) -> None:
+        """The champion must be ``model_id`` and have no runtime errors (counted by the host
+        since it was installed) for ``health_s`` seconds."""
         deadline = time.monotonic() + self.health_s
         while True:
             health = self.host.health()
@@ -596,7 +618,7 @@ class Updater:
                 raise HealthCheckError(
                     f"the champion is {health.model_id!r}, not the new model {model_id!r}"
                 )
-            errors = health.runtime_errors - baseline
+            errors = health.runtime_errors
             if errors > 0:
                 raise HealthCheckError(
                     f"the new model {model_id} failed on {errors} sample(s) after activation"
@@ -628,9 +650,16 @@ class Updater:
 
     def _discard_artifact(self) -> None:
         """Remove the downloaded file and, once at rest, any partial download."""
+        if self.record.state in AT_REST:
+            self._remove_downloads()
+        elif self.record.artifact:
+            Path(self.record.artifact).unlink(missing_ok=True)
+
+    def _remove_downloads(self) -> None:
+        """Remove the downloaded file and every partial download."""
         artifact = self.record.artifact
         if artifact:
             Path(artifact).unlink(missing_ok=True)
-        if self.record.state in AT_REST and self.partial_dir.is_dir():
+        if self.partial_dir.is_dir():
             for partial in self.partial_dir.glob("*.part"):
                 partial.unlink(missing_ok=True)
