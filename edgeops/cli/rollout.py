@@ -1,7 +1,18 @@
-"""``edgeops rollout ...``: check a rollout spec and show the plan it makes.
+"""``edgeops rollout ...``: check a rollout spec, show its plan, and run it live.
 
     edgeops rollout validate SPEC [--document-only] [--json]
     edgeops rollout plan SPEC [--json]
+    edgeops rollout create SPEC [--json]           # plan and store it; prints the id
+    edgeops rollout list [--json]
+    edgeops rollout status ID [--json] [--watch]   # waves, counts, gates; a live view
+    edgeops rollout pause ID / resume ID
+    edgeops rollout abort ID [--reason TEXT]       # targeted devices get their release back
+    edgeops rollout run ID [--interval S]          # tick in the foreground until it ends
+
+The hub (``edgeops hub serve``) ticks every running rollout each second; ``run`` does the
+same in the foreground for one rollout (scripts, tests, a hub-less setup). Commands that
+change desired state (``abort`` with targeted devices, ``run``) need the broker
+(EDGEOPS_MQTT_URL) to publish it.
 
 Thin: the spec is read with :func:`edgeops.rollout.load_spec` (``.json`` is JSON, anything
 else YAML); unless ``--document-only``, the release's contract is read from the release
@@ -13,21 +24,30 @@ exit code 2, as for every configuration error (see ``edgeops.cli.main``).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
+
+from edgeops.errors import ConfigError, EdgeOpsError
 
 if TYPE_CHECKING:
     from edgeops.rollout import RolloutPlan, RolloutSpec
+    from edgeops.rollout.engine import RolloutEngine
 
 __all__ = ["rollout_app"]
 
 rollout_app = typer.Typer(
-    help="Staged rollouts: validate a rollout spec, show its plan.", no_args_is_help=True
+    help="Staged rollouts: validate a spec, show its plan, create, follow, pause, resume, "
+    "abort and run rollouts.",
+    no_args_is_help=True,
 )
 
 out = Console()
@@ -87,7 +107,11 @@ def rollout_validate(
             document["counts"] = plan.to_dict()["counts"]
         _print_json(document)
         return
-    out.print(f"rollout spec {spec_file} is valid: {spec.name} -> {spec.release}", highlight=False)
+    out.print(
+        f"rollout spec {spec_file} is valid: {spec.name} -> {spec.release}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if plan is not None:
         out.print(
             f"{len(plan.selected)} selected, {len(plan.compatible)} compatible, "
@@ -152,3 +176,216 @@ def rollout_plan(spec_file: SpecArgument, as_json: JsonOption = False) -> None:
         out.print(table)
     else:
         out.print("no waves: the release fits none of the selected devices")
+
+
+# -- the live engine --------------------------------------------------------------------------
+
+IdArgument = Annotated[str, typer.Argument(metavar="ID", help="the rollout's id (r-...)")]
+_STATUS_STYLE = {
+    "running": "cyan",
+    "paused": "yellow",
+    "aborted": "red",
+    "failed": "red",
+    "succeeded": "green",
+}
+
+
+@contextmanager
+def _engine(*, publish: bool = False) -> Iterator[RolloutEngine]:
+    """A rollout engine on the configured database and release repository; with a connected
+    desired-state publisher if ``publish`` (ConfigError if no broker is configured)."""
+    from edgeops.cli._hub import open_hub
+    from edgeops.cli.main import settings
+    from edgeops.hub.desired import DesiredPublisher
+    from edgeops.rollout.engine import RolloutEngine
+    from edgeops.trust import repository_for
+
+    current = settings()
+    publisher = None
+    if publish:
+        endpoint = current.mqtt_endpoint
+        if endpoint is None:
+            raise ConfigError(
+                "no broker configured: set EDGEOPS_MQTT_URL (the hub's broker identity) to "
+                "publish desired state"
+            )
+        publisher = DesiredPublisher(
+            endpoint, client_id=current.mqtt_client_id, tls=current.tls_files
+        )
+        publisher.start()
+    try:
+        with open_hub() as hub:
+            yield RolloutEngine(hub.database, publisher, repository=repository_for(current))
+    finally:
+        if publisher is not None:
+            publisher.stop()
+
+
+@rollout_app.command("create")
+def rollout_create(spec_file: SpecArgument, as_json: JsonOption = False) -> None:
+    """Plan a rollout on the fleet now and store it, running; prints its id. The hub
+    (`edgeops hub serve`) or `edgeops rollout run ID` carries it out."""
+    from edgeops.rollout import load_spec
+
+    spec = load_spec(spec_file)
+    with _engine() as engine:
+        rollout_id = engine.create(spec)
+        document = engine.status(rollout_id)
+    if as_json:
+        _print_json(document)
+        return
+    counts = document["counts"]
+    typer.echo(rollout_id)
+    typer.echo(
+        f"rollout {spec.name}: {spec.release} to {counts['pending']} device(s) in "
+        f"{len(document['waves'])} wave(s), {counts['excluded']} excluded",
+        err=True,
+    )
+
+
+@rollout_app.command("list")
+def rollout_list(as_json: JsonOption = False) -> None:
+    """Every rollout, newest first."""
+    with _engine() as engine:
+        rollouts = engine.list_rollouts()
+    if as_json:
+        _print_json(rollouts)
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("id", "name", "release", "status", "wave", "created"):
+        table.add_column(column, overflow="fold")
+    for r in rollouts:
+        table.add_row(
+            r["id"],
+            r["name"],
+            r["release"],
+            r["status"],
+            f"{r['current_wave']}/{r['waves']}",
+            r["created_at"][:19],
+        )
+    out.print(table)
+
+
+def _gate_text(gate: dict[str, Any]) -> str:
+    value = "-" if gate["value"] is None else f"{gate['value']:.4g}"
+    mark = "ok" if gate["passed"] else "FAIL"
+    return f"{gate['name']} {value} {gate['comparison']} {gate['threshold']:g} {mark}"
+
+
+def status_view(document: dict[str, Any]) -> Group:
+    """The Rich renderable of a rollout's status document."""
+    style = _STATUS_STYLE.get(document["status"], "")
+    counts = document["counts"]
+    header = Text.assemble(
+        (f"rollout {document['id']} ", "bold"),
+        f"{document['name']}: {document['release']['target']}  ",
+        (document["status"], f"bold {style}"),
+    )
+    summary = Text(
+        "  ".join(f"{name} {count}" for name, count in counts.items() if count),
+    )
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("wave", "kind", "size", "state", "devices", "gates"):
+        table.add_column(column, overflow="fold")
+    for wave in document["waves"]:
+        gates = wave["gates"]
+        gate_text = "\n".join(_gate_text(g) for g in gates) if gates else "-"
+        if wave["state"] == "soaking" and wave["soak_until"]:
+            gate_text = f"soak until {wave['soak_until'][11:19]}\n" + gate_text
+        table.add_row(
+            str(wave["index"]),
+            wave["kind"],
+            str(wave["size"]),
+            wave["state"],
+            ", ".join(f"{k} {v}" for k, v in wave["counts"].items()) or "-",
+            gate_text,
+        )
+    parts: list[Any] = [header, summary, table]
+    if document["reason"]:
+        parts.append(Text(f"reason: {document['reason']}", style=style))
+    return Group(*parts)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout_id: IdArgument,
+    as_json: JsonOption = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="a live view, refreshed until the rollout ends")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="seconds between refreshes with --watch")
+    ] = 1.0,
+) -> None:
+    """A rollout's waves, device counts and quality gates (measured value vs threshold)."""
+    with _engine() as engine:
+        document = engine.status(rollout_id)
+        if as_json:
+            _print_json(document)
+            return
+        if not watch:
+            out.print(status_view(document))
+            return
+        from rich.live import Live
+
+        with Live(status_view(document), console=out, refresh_per_second=4) as live:
+            while document["status"] in ("running", "paused"):
+                time.sleep(interval)
+                document = engine.status(rollout_id)
+                live.update(status_view(document))
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: IdArgument) -> None:
+    """Hold a running rollout where it stands (no new devices, no decisions)."""
+    with _engine() as engine:
+        engine.pause(rollout_id)
+    typer.echo(f"rollout {rollout_id} paused")
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout_id: IdArgument) -> None:
+    """Carry a paused rollout on; its timeouts and soak move on by the pause's length."""
+    with _engine() as engine:
+        engine.resume(rollout_id)
+    typer.echo(f"rollout {rollout_id} resumed")
+
+
+@rollout_app.command("abort")
+def rollout_abort(
+    rollout_id: IdArgument,
+    reason: Annotated[str, typer.Option(help="why, kept with the rollout")] = (
+        "aborted by the operator"
+    ),
+) -> None:
+    """Abort a rollout: every device it targeted gets its previous desired release back
+    (published: needs EDGEOPS_MQTT_URL when devices were targeted)."""
+    with _engine() as engine:
+        touched = engine.status(rollout_id)["counts"]
+    needs_broker = any(touched[s] for s in ("targeted", "succeeded", "failed", "timed_out"))
+    with _engine(publish=needs_broker) as engine:
+        rolled_back = engine.abort(rollout_id, reason)
+    typer.echo(f"rollout {rollout_id} aborted; {rolled_back} device(s) set back")
+
+
+@rollout_app.command("run")
+def rollout_run(
+    rollout_id: IdArgument,
+    interval: Annotated[float, typer.Option(min=0.05, help="seconds between ticks")] = 1.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Tick one rollout in the foreground until it ends; exit 0 if it succeeded, 1 if not.
+    Needs EDGEOPS_MQTT_URL (desired state is published)."""
+    with _engine(publish=True) as engine:
+        engine.status(rollout_id)  # NotFoundError before anything else
+        while engine.advance(rollout_id) or engine.status(rollout_id)["status"] == "paused":
+            time.sleep(interval)
+        document = engine.status(rollout_id)
+    if as_json:
+        _print_json(document)
+    else:
+        out.print(status_view(document))
+    if document["status"] != "succeeded":
+        raise EdgeOpsError(
+            f"rollout {rollout_id} {document['status']}: {document['reason'] or 'no reason'}"
+        )

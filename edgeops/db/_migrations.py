@@ -19,6 +19,7 @@ TABLE_MODULES = (
     "edgeops.data.models",
     "edgeops.registry.models",
     "edgeops.monitor.models",
+    "edgeops.rollout.models",
 )
 
 

@@ -3,6 +3,10 @@
 With a release repository (``edgeops keys init``), the hub also answers devices' ``fetch/req``
 (:class:`edgeops.trust.FetchServer`) and re-signs the timestamp before it expires
 (:class:`edgeops.trust.TimestampRefresher`); the API serves the repository over HTTP.
+
+A thread next to the bridge pump ticks the rollout engine every second
+(:meth:`edgeops.rollout.engine.RolloutEngine.tick`), publishing desired state through its
+own :class:`edgeops.hub.DesiredPublisher`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from edgeops.errors import ConfigError, EdgeOpsError
 
 if TYPE_CHECKING:
     from device_agent.link import MqttEndpoint
+    from edgeops.db import Database
+    from edgeops.hub.desired import DesiredPublisher
     from edgeops.trust import FetchServer, TimestampRefresher
 
 log = logging.getLogger(__name__)
@@ -47,8 +53,10 @@ def serve(settings: Settings, host: str, port: int) -> None:
     stop = threading.Event()
     pump = threading.Thread(target=bridge.run, args=(stop,), name="hub-bridge", daemon=True)
     pump.start()
-    fetch_server, refresher = None, None
+    fetch_server, refresher, publisher = None, None, None
+    rollouts: threading.Thread | None = None
     try:
+        publisher, rollouts = _start_rollouts(settings, endpoint, database, stop)
         fetch_server, refresher = _start_trust(settings, endpoint)
         config = uvicorn.Config(
             create_app(fleet, repository_dir=settings.trust_dir / "repository"),
@@ -69,6 +77,11 @@ def serve(settings: Settings, host: str, port: int) -> None:
         if not server.started:
             raise EdgeOpsError(f"the API could not listen on {host}:{port} (address in use?)")
     finally:
+        stop.set()
+        if rollouts is not None:
+            rollouts.join(timeout=5)
+        if publisher is not None:
+            publisher.stop()
         if refresher is not None:
             refresher.stop()
         if fetch_server is not None:
@@ -77,6 +90,36 @@ def serve(settings: Settings, host: str, port: int) -> None:
         pump.join(timeout=5)
         bridge.stop()
         database.dispose()
+
+
+ROLLOUT_TICK_S = 1.0
+
+
+def _start_rollouts(
+    settings: Settings, endpoint: MqttEndpoint, database: Database, stop: threading.Event
+) -> tuple[DesiredPublisher, threading.Thread]:
+    """The rollout engine's publisher (connected) and its tick thread (running until
+    ``stop``)."""
+    from edgeops.hub.desired import DesiredPublisher
+    from edgeops.rollout.engine import RolloutEngine
+    from edgeops.trust import repository_for
+
+    publisher = DesiredPublisher(
+        endpoint, client_id=settings.mqtt_client_id, tls=settings.tls_files
+    )
+    publisher.start()
+    engine = RolloutEngine(database, publisher, repository=repository_for(settings))
+
+    def tick() -> None:
+        while not stop.wait(ROLLOUT_TICK_S):
+            try:
+                engine.tick()
+            except Exception:
+                log.exception("rollout tick failed; trying again")
+
+    thread = threading.Thread(target=tick, name="hub-rollouts", daemon=True)
+    thread.start()
+    return publisher, thread
 
 
 def _start_trust(

@@ -1,14 +1,20 @@
-"""Rollouts: the typed rollout spec and the planner (selection, contract pre-check, waves).
+"""Rollouts: the typed rollout spec, the planner (selection, contract pre-check, waves) and
+the live engine (waves, timeouts, abort with rollback, soak windows and quality gates).
 
-    from edgeops.rollout import load_spec, plan_rollout, release_contract
+    from edgeops.rollout import RolloutEngine, load_spec, plan_rollout, release_contract
 
     spec = load_spec(Path("rollout.yaml"))
     plan = plan_rollout(spec, fleet.list_devices(), release_contract(repository, spec.release))
 
-The live engine (notifying waves, soak windows and quality gates, pause/resume/abort with
-rollback) is not built yet; see docs/rollouts.md.
+    engine = RolloutEngine(database, publisher, repository=repository)
+    rollout_id = engine.create(spec)
+    engine.tick()                      # the hub does this every second
+
+See docs/rollouts.md.
 """
 
+from edgeops.rollout.engine import RolloutEngine, RolloutError
+from edgeops.rollout.gates import GateResult, evaluate_gates
 from edgeops.rollout.plan import (
     CompatibleDevice,
     ExcludedDevice,
@@ -32,12 +38,16 @@ from edgeops.rollout.spec import (
 __all__ = [
     "CompatibleDevice",
     "ExcludedDevice",
+    "GateResult",
+    "RolloutEngine",
+    "RolloutError",
     "RolloutPlan",
     "RolloutSpec",
     "RolloutSpecError",
     "SpecFormat",
     "Wave",
     "dump_spec",
+    "evaluate_gates",
     "load_spec",
     "parse_spec",
     "plan_rollout",
