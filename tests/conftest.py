@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.mqtt", "tests.fixtures.database", "tests.fixtures.models"]
+pytest_plugins = [
+    "tests.fixtures.mqtt",
+    "tests.fixtures.database",
+    "tests.fixtures.models",
+    "tests.fixtures.trust",
+]
 
 _KEEP = {"EDGEOPS_TEST_POSTGRES_URL"}
 
