@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -94,7 +93,7 @@ class Hub:
         self.compressor = CompressService(self.datasets, self.registry)
 
     def int8_bundle(self, dataset: str, arch: str, width: float, epochs: int) -> Path:
-        from edgeops.export import export
+        from edgeops.export import export_bundle
 
         self.datasets.register_builtin(dataset, seed=self.seed)
         keras = self.trainer.train(
@@ -108,14 +107,13 @@ class Hub:
             evaluate_on_runtime=False,
         )
         int8 = self.compressor.compress(keras.id, quantize="int8", progress=False)
-        written = export(
-            int8.id, "tflite", self.root / "export", registry=self.registry, datasets=self.datasets
+        return export_bundle(
+            int8.id,
+            "tflite",
+            self.root / f"bundle-{dataset}-{arch}-w{width:g}",
+            registry=self.registry,
+            datasets=self.datasets,
         )
-        bundle = self.root / f"bundle-{dataset}-{arch}-w{width:g}"
-        bundle.mkdir()
-        shutil.copyfile(written[0], bundle / "model.tflite")
-        shutil.copyfile(written[1], bundle / "card.json")
-        return bundle
 
     def raw_test(self, dataset: str) -> np.ndarray:
         x, _ = self.datasets.load(dataset).split("test")

@@ -280,17 +280,12 @@ class Hub:
         )
 
     def champion_bundle(self, model_ref: str) -> Path:
-        from edgeops.export import export
+        from edgeops.export import export_bundle
 
-        written = export(
-            model_ref, "tflite", self.root / "export", registry=self.registry,
+        return export_bundle(
+            model_ref, "tflite", self.root / "champion", registry=self.registry,
             datasets=self.datasets,
         )  # fmt: skip
-        bundle = self.root / "champion"
-        bundle.mkdir()
-        shutil.copyfile(written[0], bundle / "model.tflite")
-        shutil.copyfile(written[1], bundle / "card.json")
-        return bundle
 
     def start(self) -> None:
         from device_agent.link import MqttEndpoint, MqttLink

@@ -841,7 +841,14 @@ def test_hub_serve_serves_the_repository_and_keeps_the_timestamp_fresh(
         assert decode_response(answer.payload)[1] == repository.root_json_path.read_bytes()
 
         client = Http(f"http://127.0.0.1:{port}")
-        first = client.get("/v1/tuf/metadata/timestamp.json")
+        for _ in range(120):  # the API starts after the fetch server
+            try:
+                first = client.get("/v1/tuf/metadata/timestamp.json")
+                break
+            except urllib.error.URLError:
+                threading.Event().wait(0.5)
+        else:
+            pytest.fail("the hub's API never answered")
         assert first.status == 200
         # the refresher re-signs the 4 s timestamp once 2 s are left
         fresh = Metadata[Timestamp].from_bytes(first.content)

@@ -12,7 +12,13 @@ See docs/training.md.
 from edgeops.export.card import DEFAULT_TEST_VECTORS, build_card, op_set, quantization_mode
 from edgeops.export.convert import ONNX_ATOL, ONNX_OPSET, keras_to_onnx, keras_to_tflite_float
 from edgeops.export.errors import ConversionError, ExportError, UnsupportedExportError
-from edgeops.export.service import EXPORT_FORMATS, ExportResult, export, export_artifact
+from edgeops.export.service import (
+    EXPORT_FORMATS,
+    ExportResult,
+    export,
+    export_artifact,
+    export_bundle,
+)
 
 __all__ = [
     "DEFAULT_TEST_VECTORS",
@@ -26,6 +32,7 @@ __all__ = [
     "build_card",
     "export",
     "export_artifact",
+    "export_bundle",
     "keras_to_onnx",
     "keras_to_tflite_float",
     "op_set",

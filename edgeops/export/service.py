@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from edgeops.data import DatasetService
     from edgeops.registry import ModelVersionView, Registry
 
-__all__ = ["EXPORT_FORMATS", "ExportResult", "export", "export_artifact"]
+__all__ = ["EXPORT_FORMATS", "ExportResult", "export", "export_artifact", "export_bundle"]
 
 EXPORT_FORMATS = ("tflite", "onnx")
 
@@ -67,6 +67,26 @@ def export(
     for path, data in files:
         atomic_write_bytes(path, data)
     return [path for path, _ in files]
+
+
+def export_bundle(
+    model_ref: str,
+    format: str,
+    bundle_dir: Path,
+    *,
+    registry: Registry,
+    datasets: DatasetService,
+) -> Path:
+    """Write ``model_ref`` as an agent bundle: ``bundle_dir/model.<format>`` + ``card.json``.
+
+    The layout ``device_agent.runtime.ModelBundle.load`` reads (an agent's ``model_dir``); each
+    file is written atomically. Returns ``bundle_dir``.
+    """
+    view = registry.get_model(model_ref)
+    result = export_artifact(view, format, registry=registry, datasets=datasets)
+    atomic_write_bytes(bundle_dir / f"model.{format}", result.artifact)
+    atomic_write_bytes(bundle_dir / "card.json", result.card.to_json().encode())
+    return bundle_dir
 
 
 def export_artifact(

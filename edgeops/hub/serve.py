@@ -63,12 +63,19 @@ def serve(settings: Settings, host: str, port: int) -> None:
             host=host,
             port=port,
             log_level=settings.log_level.lower(),
+            # a client that keeps its connection open must not hold the hub's stop forever
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         server = uvicorn.Server(config)
-        # uvicorn re-raises the signal that stopped it once it has shut down; a stop by
-        # SIGINT/SIGTERM is the normal end of a service, so it lands in a handler that only
-        # logs, and the hub exits 0 after cleaning up.
-        previous = {sig: signal.signal(sig, _stopping) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def stopping(signum: int, frame: FrameType | None) -> None:
+            # uvicorn re-raises the signal that stopped it once it has shut down, and a signal
+            # may come before uvicorn installed its own handlers: either way the server is
+            # told to exit (never lost), and the hub exits 0 after cleaning up
+            log.info("hub stopping on %s", signal.Signals(signum).name)
+            server.should_exit = True
+
+        previous = {sig: signal.signal(sig, stopping) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             server.run()
         finally:
@@ -93,6 +100,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
 
 
 ROLLOUT_TICK_S = 1.0
+GRACEFUL_SHUTDOWN_S = 5  # seconds
 
 
 def _start_rollouts(
@@ -149,7 +157,3 @@ def _start_trust(
         raise
     log.info("serving the release repository %s over MQTT", repository.repository_dir)
     return fetch_server, refresher
-
-
-def _stopping(signum: int, frame: FrameType | None) -> None:
-    log.info("hub stopping on %s", signal.Signals(signum).name)
