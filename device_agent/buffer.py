@@ -45,7 +45,7 @@ from typing import Any
 from paho.mqtt.client import MQTTMessageInfo
 
 from device_agent.errors import AgentError
-from device_agent.link import MqttLink
+from device_agent.link import MqttLink, acknowledged
 
 __all__ = ["BufferDrain", "BufferError", "BufferedMessage", "OfflineBuffer"]
 
@@ -341,7 +341,7 @@ class BufferDrain:
     def pump(self) -> int:
         """Ack what the broker acknowledged, re-send what a lost connection left unacked,
         publish more pending rows while connected; returns the rows acked by this call."""
-        done = [seq for seq, (info, _) in self._in_flight.items() if info.is_published()]
+        done = [seq for seq, (info, _) in self._in_flight.items() if acknowledged(info)]
         for seq in done:
             del self._in_flight[seq]
         if done:

@@ -163,6 +163,19 @@ class LinkStats:
     publishes: int = 0
 
 
+def acknowledged(info: paho.MQTTMessageInfo) -> bool:
+    """``info.is_published()`` without its exceptions: False until acknowledged.
+
+    paho raises from ``is_published()`` for a message it took while the connection was down
+    (its return code stays ``MQTT_ERR_NO_CONN`` even after paho sends it on reconnect); such a
+    message counts as not acknowledged, and the caller publishes it again after the reconnect.
+    """
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
+
+
 class MqttLink:
     """One MQTT connection with an inbox, declared subscriptions and a reconnect supervisor."""
 
@@ -285,7 +298,7 @@ class MqttLink:
         if wait_s is None:
             return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         deadline = time.monotonic() + wait_s
-        while not info.is_published():
+        while not acknowledged(info):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping.is_set():
                 return False

@@ -149,8 +149,11 @@ def test_a_buffer_that_cannot_be_created_is_one_clear_error(tmp_path: Path) -> N
 @dataclass
 class FakeInfo:
     done: bool = False
+    taken_offline: bool = False  # paho took it while disconnected: is_published() raises
 
     def is_published(self) -> bool:
+        if self.taken_offline:
+            raise RuntimeError("Message publish failed: The client is not currently connected.")
         return self.done
 
 
@@ -210,6 +213,24 @@ def test_drain_resends_after_a_reconnect_what_was_never_acknowledged(
     for _, _, info in link.sent:
         info.done = True
     assert drain.flush(1.0) and len(buffer) == 0 and drain.acked == 4
+
+
+def test_a_message_paho_took_while_disconnected_is_sent_again_not_fatal(
+    buffer: OfflineBuffer,
+) -> None:
+    """The link looked connected, paho had already lost the connection: its message info
+    raises from is_published(). The drain treats it as unacknowledged and re-sends it."""
+    link = FakeLink()
+    drain = BufferDrain(buffer, link, max_in_flight=10)  # type: ignore[arg-type]
+    buffer.append("t", payload)
+    drain.pump()
+    link.sent[0][2].taken_offline = True
+    assert drain.pump() == 0  # no exception, nothing acked
+    link.stats.connects = 2  # reconnected
+    drain.pump()
+    assert [p for _, p, _ in link.sent] == [b"window 1", b"window 1"] and drain.resent == 1
+    link.sent[1][2].done = True
+    assert drain.flush(1.0) and len(buffer) == 0
 
 
 # -- the drain over a real broker --------------------------------------------------------------

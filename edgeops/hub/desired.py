@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from device_agent.errors import LinkError
-from device_agent.link import MqttEndpoint, MqttLink, TlsFiles
+from device_agent.link import MqttEndpoint, MqttLink, TlsFiles, acknowledged
 from device_agent.protocol import QOS, Channel, device_topic
 from edgeops.errors import BrokerError
 from edgeops.fleet.desired import encode_desired
@@ -79,11 +79,11 @@ class DesiredPublisher:
                 raise BrokerError(str(exc)) from None
             pending.append((device.device_id, info))
         deadline = time.monotonic() + wait_s
-        while any(not info.is_published() for _, info in pending):
+        while any(not acknowledged(info) for _, info in pending):
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.01)
-        missing = [device_id for device_id, info in pending if not info.is_published()]
+        missing = [device_id for device_id, info in pending if not acknowledged(info)]
         if missing:
             log.warning("desired state not acknowledged for %s", ", ".join(missing))
         return missing
