@@ -21,6 +21,7 @@ from edgeops.cli.broker import broker_app
 from edgeops.cli.compress import compress
 from edgeops.cli.data import data_app
 from edgeops.cli.devices import devices_app
+from edgeops.cli.fleet import fleet_app
 from edgeops.cli.models import models_app, runs_app
 from edgeops.cli.rollout import rollout_app
 from edgeops.cli.train import evaluate, export, train
@@ -48,6 +49,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(hub_app, name="hub")
 app.add_typer(broker_app, name="broker")
 app.add_typer(devices_app, name="devices")
+app.add_typer(fleet_app, name="fleet")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
