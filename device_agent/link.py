@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,6 +324,12 @@ class MqttLink:
             return self._inbox.get(timeout=timeout_s)
         except queue.Empty:
             return None
+
+    def events(self, timeout_s: float) -> Iterator[LinkEvent]:
+        """The inbox's events until it stays empty up to ``timeout_s`` from now (for pumps)."""
+        deadline = time.monotonic() + timeout_s
+        while (event := self.get(timeout_s=max(0.0, deadline - time.monotonic()))) is not None:
+            yield event
 
     def stop(self) -> None:
         """Disconnect cleanly (the broker does not publish the will) and stop all threads."""

@@ -10,8 +10,6 @@ proving that the same kind of message does arrive where it is allowed.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -19,14 +17,9 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlmodel import select
 
 from device_agent.errors import LinkError
@@ -56,6 +49,7 @@ from edgeops.fleet import DeviceCredential, EnrollmentError, FleetService, Ident
 from edgeops.fleet.identity import parse_tags
 from tests.clitools import BIN, assert_one_line_error, run_cli
 from tests.fixtures.mqtt import SecureMosquitto, start_secure_mosquitto
+from tests.pki import make_pki
 
 FAST = Backoff(initial_s=0.05, maximum_s=0.2)
 QUIET_S = 0.5  # how long to keep listening for a message that must not come
@@ -534,79 +528,6 @@ def test_sync_twice_writes_the_same_files_until_the_hub_password_changes(
 
 
 # -- TLS ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-
-def make_pki(directory: Path) -> Pki:
-    """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "EdgeOps identity test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    pki.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    pki.key_file.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return pki
 
 
 @pytest.mark.mosquitto

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device_agent.errors import ConfigError, LinkError
 from device_agent.link import (
@@ -31,6 +24,7 @@ from edgeops.broker import MosquittoProcess, TlsListener, free_port, render_conf
 from edgeops.broker.mosquitto import SHIPPED_CONFIG
 from edgeops.errors import BrokerError
 from tests.fixtures.mqtt import PROBE, messages, next_message, wait_subscribed
+from tests.pki import Pki, make_pki
 
 FAST = Backoff(initial_s=0.1, maximum_s=1.0)
 
@@ -257,59 +251,10 @@ def test_backoff_jitter_spreads_delays_below_the_nominal_value() -> None:
 # -- TLS --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-    other_ca_file: Path
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     """A throwaway CA, a server certificate for 127.0.0.1/localhost, and an unrelated CA."""
-    ca_key, ca_cert = _certificate_authority("EdgeOps test CA")
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    _, other_ca = _certificate_authority("Somebody else's CA")
-    pki = Pki(
-        ca_file=tmp_path / "ca.pem",
-        cert_file=tmp_path / "server.pem",
-        key_file=tmp_path / "server.key",
-        other_ca_file=tmp_path / "other-ca.pem",
-    )
-    pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    pki.other_ca_file.write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
-    pki.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    pki.key_file.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return pki
+    return make_pki(tmp_path)
 
 
 @pytest.fixture
@@ -352,39 +297,6 @@ def test_tls_with_a_ca_that_did_not_sign_the_broker_is_a_clear_link_error(
         f"TLS certificate of the broker not accepted with CA file {pki.other_ca_file}: "
         "unable to get local issuer certificate"
     )
-
-
-def _certificate_authority(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
 
 
 # -- the private broker these tests run on ----------------------------------------------------

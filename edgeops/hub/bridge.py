@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 from device_agent.dispatch import Dispatcher
 from device_agent.errors import LinkError
@@ -76,12 +75,8 @@ class HubBridge:
 
     def pump(self, timeout_s: float = 0.2) -> int:
         """Handle queued events for up to ``timeout_s``; returns how many were handled."""
-        deadline = time.monotonic() + timeout_s
         handled = 0
-        while True:
-            event = self.link.get(timeout_s=max(0.0, deadline - time.monotonic()))
-            if event is None:
-                return handled
+        for event in self.link.events(timeout_s):
             handled += 1
             if isinstance(event, Connected):
                 log.info("hub connected to %s", self.link.endpoint.url)
@@ -96,6 +91,7 @@ class HubBridge:
                     # a telemetry window is lost (QoS 1 was acknowledged on receipt)
                     self.store_errors += 1
                     log.error("could not record message on %s: %s", event.topic, exc)
+        return handled
 
     def run(self, stop: threading.Event) -> None:
         """Pump until ``stop`` is set (for a background thread)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,12 +114,8 @@ class FetchServer:
 
     def pump(self, timeout_s: float = 0.2) -> int:
         """Answer queued requests for up to ``timeout_s``; returns how many events were read."""
-        deadline = time.monotonic() + timeout_s
         handled = 0
-        while True:
-            event = self.link.get(timeout_s=max(0.0, deadline - time.monotonic()))
-            if event is None:
-                return handled
+        for event in self.link.events(timeout_s):
             handled += 1
             if isinstance(event, Connected):
                 log.info("fetch server connected to %s", self.link.endpoint.url)
@@ -134,6 +129,7 @@ class FetchServer:
                         self.link.publish(topic, frame, qos=QOS)
                     except LinkError as exc:
                         log.warning("fetch answer on %s not sent: %s", topic, exc)
+        return handled
 
     # -- answering --------------------------------------------------------------------------
 
