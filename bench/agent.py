@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _hub import BenchHub
 from _results import run_meta, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,26 +72,8 @@ print(json.dumps({"rss_bytes": status("VmRSS"), "hwm_bytes": status("VmHWM"),
 """
 
 
-class Hub:
+class Hub(BenchHub):
     """The hub services in a temporary data dir, used only to make the bundles."""
-
-    def __init__(self, root: Path, seed: int) -> None:
-        from edgeops.compress import CompressService
-        from edgeops.data import DatasetService
-        from edgeops.db import Database
-        from edgeops.registry import Registry
-        from edgeops.store import ArtifactStore
-        from edgeops.train import TrainService
-
-        self.root = root
-        self.seed = seed
-        self.database = Database(f"sqlite:///{root / 'edgeops.db'}")
-        self.database.upgrade()
-        store = ArtifactStore(root / "artifacts")
-        self.datasets = DatasetService(self.database, store)
-        self.registry = Registry(self.database, store)
-        self.trainer = TrainService(self.datasets, self.registry)
-        self.compressor = CompressService(self.datasets, self.registry)
 
     def int8_bundle(self, dataset: str, arch: str, width: float, epochs: int) -> Path:
         from edgeops.export import export_bundle

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _hub import BenchHub
 from _results import run_meta, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -228,29 +229,15 @@ def classify(topic: str, head: bytes) -> str:
 # -- the hub ----------------------------------------------------------------------------------
 
 
-class Hub:
+class Hub(BenchHub):
     """The hub's services in a temporary data dir: registry, release repository, fetch server,
     the broker, and the MQTT links the benchmark uses."""
 
     def __init__(self, root: Path, seed: int) -> None:
         from edgeops.broker import MosquittoProcess
-        from edgeops.compress import CompressService
-        from edgeops.data import DatasetService
-        from edgeops.db import Database
-        from edgeops.registry import Registry
-        from edgeops.store import ArtifactStore
-        from edgeops.train import TrainService
         from edgeops.trust import TrustRepository
 
-        self.root = root
-        self.seed = seed
-        self.database = Database(f"sqlite:///{root / 'edgeops.db'}")
-        self.database.upgrade()
-        store = ArtifactStore(root / "artifacts")
-        self.datasets = DatasetService(self.database, store)
-        self.registry = Registry(self.database, store)
-        self.trainer = TrainService(self.datasets, self.registry)
-        self.compressor = CompressService(self.datasets, self.registry)
+        super().__init__(root, seed)
         self.repository = TrustRepository(root / "trust")
         self.repository.init(root / "offline-root-keys")
         self.broker = MosquittoProcess(root / "mosquitto")
