@@ -71,6 +71,7 @@ from device_agent.shadow import RUN_ERRORS, ChallengerSlot, ChallengerSpec
 from device_agent.shadow import ChallengerError as ChallengerError  # re-exported
 from device_agent.sources import Sample, Source, open_source, reply_document
 from device_agent.telemetry import WindowAggregator
+from device_agent.updater.contract import installed_runtimes
 from device_agent.updater.service import UpdateService
 from device_agent.updater.updater import ChampionHealth, Transition
 
@@ -124,6 +125,7 @@ class AgentDaemon:
         self.settings = settings
         self.device_id = settings.device_id
         self.hardware = {**detect_hardware(), **settings.hardware}
+        self._runtimes = sorted(installed_runtimes())
         self.dispatcher = Dispatcher()
         self.desired: dict[str, Any] | None = None
         self._stop = threading.Event()
@@ -628,6 +630,8 @@ class AgentDaemon:
             update_state=str(self.updates.state),
             health="model_error" if self._model_error else "ok",
             free_memory_bytes=_meminfo_bytes("MemAvailable"),
+            # what a rollout's pre-check matches a release's runtime against
+            extra={"runtimes": self._runtimes},
         )
         self._publish(Channel.STATE, encode(report))
         self._state_published_at = time.monotonic()

@@ -64,6 +64,7 @@ def test_agent_publishes_presence_and_state_and_goes_offline_on_sigterm(
         state = _next_doc(watcher, "unit-1", Channel.STATE)
         assert isinstance(state, StateReport)
         assert state.hardware["board"] == "rpi4" and "arch" in state.hardware
+        assert state.extra["runtimes"] == ["litert", "onnx"]  # the agent extra has both
         health = isolated_environment / "agents" / "unit-1" / "health.json"
         _wait_until(
             lambda: health.is_file() and json.loads(health.read_text())["status"] == "connected"

@@ -20,6 +20,7 @@ the card's ``arena_bytes``) and the agent version the card asks for. The first f
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import re
 from collections.abc import Mapping
@@ -111,6 +112,23 @@ def available_runtimes() -> set[str]:
             found.add(runtime)
             break
     return found
+
+
+def installed_runtimes() -> set[str]:
+    """The target runtimes whose packages are installed, found without importing them (what
+    the agent reports in its state; :func:`available_runtimes` is the real check)."""
+    return {
+        runtime
+        for runtime, modules in _RUNTIME_MODULES.items()
+        if any(_installed(module) for module in modules)
+    }
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def free_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
