@@ -10,7 +10,7 @@ Steps, one per state:
   contract early (nothing incompatible is downloaded), download it (ngclient checks length
   and hashes; the fetcher keeps a partial file across restarts).
 - ``verifying``: check the downloaded file against the signed length and hashes again, then
-  the contract (hardware tags, runtime, free memory, agent version); the card is kept.
+  the contract (hardware tags, runtime, free memory, agent version); the card is written once to ``update/card.json``.
 - ``installing``: wipe the inactive slot, write the model and ``card.json``, fsync, load it.
 - ``testing``: smoke test (the bundle loads in its runtime and reproduces the card's test
   vectors within tolerance); then the pointer is switched (the activation) and the host swaps
@@ -71,7 +71,7 @@ from tuf.api.exceptions import LengthOrHashMismatchError
 from device_agent import failpoints
 from device_agent.card import ModelCard
 from device_agent.errors import AgentError, LinkError
-from device_agent.fsio import atomic_write_json
+from device_agent.fsio import atomic_write_bytes, atomic_write_json
 from device_agent.runtime import ModelBundle, Runtime, open_runtime
 from device_agent.runtime._base import TensorRuntime
 from device_agent.updater.errors import TrustError, UpdateError, UpdateRefused
@@ -201,8 +201,9 @@ class UpdateRecord:
     """The slot the update installs into (inactive when the update started)."""
     artifact: str | None = None
     """The downloaded, hash-checked file."""
-    card: dict[str, Any] | None = None
-    """The card of the verified target (custom.edgeops.card)."""
+    card_file: str | None = None
+    """The card of the verified target (custom.edgeops.card), written once beside the state
+    file: the state is rewritten at every transition and the card can be large."""
     attempt: int = 0
     boots: int = 0
     """Restarts while testing after the switch."""
@@ -459,7 +460,7 @@ class Updater:
             target=target,
             slot=self.slots.inactive(),
             artifact=None,
-            card=None,
+            card_file=None,
             attempt=1,
             boots=0,
             pointer_before=None,
@@ -563,14 +564,18 @@ class Updater:
                 kind = "length_mismatch" if "length" in str(exc).lower() else "hash_mismatch"
                 raise TrustError(kind, f"{artifact}: {exc}") from exc
         card = self._contract(target.custom)
-        self._apply(_E.VERIFIED, None, card=card.to_dict())
+        card_file = self.state_file.with_name("card.json")
+        atomic_write_bytes(card_file, card.to_json().encode())
+        self._apply(_E.VERIFIED, None, card_file=str(card_file))
 
     def _install(self) -> None:
         record = self.record
-        assert record.slot is not None and record.card is not None and record.artifact
+        assert record.slot is not None and record.card_file is not None and record.artifact
         try:
-            card = ModelCard.from_dict(record.card)
+            card = ModelCard.from_json(Path(record.card_file).read_bytes())
             self.slots.write(record.slot, Path(record.artifact), card)
+        except OSError as exc:
+            raise UpdateRefused("install", f"the verified card {record.card_file}: {exc}") from exc
         except AgentError as exc:
             raise UpdateRefused("install", f"slot {record.slot}: {exc}") from exc
         self._apply(_E.INSTALLED, None)
@@ -660,6 +665,8 @@ class Updater:
         artifact = self.record.artifact
         if artifact:
             Path(artifact).unlink(missing_ok=True)
+        if self.record.card_file:
+            Path(self.record.card_file).unlink(missing_ok=True)
         if self.partial_dir.is_dir():
             for partial in self.partial_dir.glob("*.part"):
                 partial.unlink(missing_ok=True)
