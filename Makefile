@@ -35,7 +35,7 @@ typecheck: install  ## mypy, strict
 	$(BIN)/mypy
 
 pytest: install services
-	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
+	$(BIN)/pytest --cov --cov-report=term --durations=15 $(PYTEST_ARGS)
 
 test: install services lint typecheck pytest  ## everything CI runs; ends with pytest's summary
 

@@ -10,7 +10,8 @@ Steps, one per state:
   contract early (nothing incompatible is downloaded), download it (ngclient checks length
   and hashes; the fetcher keeps a partial file across restarts).
 - ``verifying``: check the downloaded file against the signed length and hashes again, then
-  the contract (hardware tags, runtime, free memory, agent version); the card is written once to ``update/card.json``.
+  the contract (hardware tags, runtime, free memory, agent version); the card is written
+  once to ``update/card.json``.
 - ``installing``: wipe the inactive slot, write the model and ``card.json``, fsync, load it.
 - ``testing``: smoke test (the bundle loads in its runtime and reproduces the card's test
   vectors within tolerance); then the pointer is switched (the activation) and the host swaps
