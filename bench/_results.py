@@ -30,3 +30,10 @@ def write_results(out: Path, name: str, document: dict[str, Any], markdown: str)
     payload = json.dumps(document, indent=2, default=str) + "\n"
     atomic_write_bytes(out / f"{name}.json", payload.encode())
     atomic_write_bytes(out / f"{name}.md", markdown.encode())
+
+
+def write_and_report(out: Path, name: str, document: dict[str, Any], markdown: str) -> None:
+    """:func:`write_results`, then one line: how many of the document's targets were met."""
+    write_results(out, name, document, markdown)
+    met = sum(target["met"] for target in document["targets"])
+    print(f"{met}/{len(document['targets'])} targets met; see {out / f'{name}.md'}")

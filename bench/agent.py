@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from _hub import BenchHub
-from _results import run_meta, write_results
+from _results import run_meta, write_and_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 100  # samples per alternating block
@@ -321,9 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     document["meta"] = run_meta(command, time.perf_counter() - started, seed=args.seed)
     out: Path = args.out
-    write_results(out, "agent", document, markdown(document))
-    met = sum(t["met"] for t in document["targets"])
-    print(f"{met}/{len(document['targets'])} targets met; see {out / 'agent.md'}")
+    write_and_report(out, "agent", document, markdown(document))
     return 0
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _results import run_meta, write_results
+from _results import run_meta, write_and_report
 
 from edgeops.compress import CompressService, load_profiles, mark_candidates
 from edgeops.compress.search import Candidate
@@ -547,9 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     out: Path = args.out
-    write_results(out, "compress", document, markdown(document))
-    met = sum(t["met"] for t in document["targets"])
-    print(f"{met}/{len(document['targets'])} targets met; see {out / 'compress.md'}")
+    write_and_report(out, "compress", document, markdown(document))
     return 0
 
 

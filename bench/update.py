@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from _hub import BenchHub
-from _results import run_meta, write_results
+from _results import run_meta, write_and_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
@@ -646,9 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     document["meta"] = run_meta(command, time.perf_counter() - started, seed=args.seed)
     out: Path = args.out
-    write_results(out, "update", document, markdown(document))
-    met = sum(t["met"] for t in document["targets"])
-    print(f"{met}/{len(document['targets'])} targets met; see {out / 'update.md'}")
+    write_and_report(out, "update", document, markdown(document))
     return 0
 
 
