@@ -361,7 +361,9 @@ def test_a_qat_variant_chosen_by_the_fallback_policy_is_named_and_recorded_as_qa
     from edgeops.compress.policy import Decision
     from tests.clitools import run_cli
 
-    def choose_qat(attempts: list[Attempt], max_loss_pp: float, metric: str) -> Decision:
+    def choose_qat(
+        attempts: list[Attempt], max_loss_pp: float, metric: str, runtime: str
+    ) -> Decision:
         # what the policy does when int8 loses too much and QAT int8 does not
         qat_attempt = next(a for a in attempts if a.qat)
         return Decision(qat_attempt, "int8 loses too much; chose QAT int8", within_limit=True)
@@ -380,6 +382,51 @@ def test_a_qat_variant_chosen_by_the_fallback_policy_is_named_and_recorded_as_qa
     document = json.loads(shown.stdout)
     assert document["name"] == "digits-cnn-qat-int8"
     assert document["config"]["compression"]["qat"] is True
+    assert document["card"]["name"] == "digits-cnn-qat-int8"
+    listed = run_cli("edgeops", "models", "list", "--json", env=hub_env(hub))
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [m for m in json.loads(listed.stdout) if m["id"] == version.id]
+    assert row["name"] == "digits-cnn-qat-int8" and row["config"]["compression"]["qat"] is True
+
+
+def test_compress_for_an_mcu_profile_scores_on_tflm_and_says_so(hub: Hub) -> None:
+    from edgeops.evaluate import device_runtime, tflm_evaluate
+    from edgeops.export import export_artifact
+
+    version = hub.service.compress(
+        hub.parent.id,
+        quantize="int8",
+        profile="cortex-m4-256k",
+        max_loss_pp=100.0,  # int8 is kept: one attempt
+        epochs=1,
+        seed=SEED,
+        progress=False,
+    )
+    compression = version.config["compression"]
+    assert compression["profile"] == {"name": "cortex-m4-256k", "runtime": "tflm"}
+    assert "validation split, tflite-micro" in compression["reason"]
+    metrics = version.metrics
+    assert metrics["runtime"] == "tflm" and metrics["format"] == "tflite"
+    # scored again here, straight on TFLM with the registered artifact
+    arrays = hub.datasets.load(version.dataset_version)
+    artifact = hub.registry.load_artifact(version.id)
+    again = tflm_evaluate(artifact, arrays.model_inputs("test"), arrays.y_test)
+    assert again is not None and metrics["num_samples"] == again.num_samples == len(arrays.y_test)
+    assert metrics["accuracy"] == pytest.approx(again.accuracy)
+    assert metrics["arena_bytes"] == again.arena_bytes
+    assert metrics["float_accuracy"] > 0.8  # the float .tflite, on TFLM as well
+    card = version.card
+    assert card is not None and card["runtime"] == "tflm" and card["metrics"]["runtime"] == "tflm"
+    assert device_runtime(card, version.config) == "tflm"
+    # exported for a microcontroller (as a release for mcu does): the registered TFLM metrics
+    for_mcu = export_artifact(
+        version, "tflite", registry=hub.registry, datasets=hub.datasets, runtime="tflm"
+    )
+    assert for_mcu.card.runtime == "tflm" and for_mcu.card.metrics == metrics
+    # exported for LiteRT: the card's metrics are measured again, on LiteRT
+    for_linux = export_artifact(version, "tflite", registry=hub.registry, datasets=hub.datasets)
+    assert for_linux.card.runtime == "litert" and for_linux.card.metrics["runtime"] == "litert"
+    assert for_linux.artifact == for_mcu.artifact == artifact
 
 
 @pytest.mark.slow
@@ -524,6 +571,7 @@ def test_search_on_a_tiny_grid_returns_a_pareto_front_and_marks_fits(hub: Hub) -
     )
     assert len(result.candidates) == 2
     assert [(c.width, c.quantization) for c in result.candidates] == [(0.5, "int8"), (1.0, "int8")]
+    arrays = hub.datasets.load(hub.parent.dataset_version)
     for candidate in result.candidates:
         assert candidate.arena_bytes and candidate.arena_bytes > 0  # tflite-micro planned it
         assert candidate.ram_bytes == candidate.arena_bytes
@@ -532,6 +580,11 @@ def test_search_on_a_tiny_grid_returns_a_pareto_front_and_marks_fits(hub: Hub) -
         assert candidate.fits and not candidate.misfits  # small models, 192 KiB of RAM
         # an MCU profile: scored on the tflite-micro interpreter itself, LiteRT's kept beside
         assert candidate.scored_on == "tflm"
+        # every sample of both splits invoked on TFLM (fewer than the cap), the count recorded
+        assert (candidate.val_samples, candidate.test_samples) == (
+            len(arrays.y_val),
+            len(arrays.y_test),
+        )
         assert candidate.litert_accuracy is not None and candidate.litert_test_accuracy is not None
         assert abs(candidate.accuracy - candidate.litert_accuracy) <= 0.02
         assert abs(candidate.test_accuracy - candidate.litert_test_accuracy) <= 0.02
@@ -666,7 +719,8 @@ def test_cli_search_prints_the_pareto_front_marking_what_fits(hub: Hub) -> None:
     [
         (("--quantize", "int4"), ("unknown quantization mode 'int4'",), 1),
         (("--profile", "esp-eye"), ("unknown device profile 'esp-eye'", "cortex-m4-256k"), 1),
-        ((), ("give either --quantize MODE or --profile NAME",), 2),
+        ((), ("give --quantize MODE, --profile NAME, or both",), 2),
+        (("--quantize", "int8", "--profile", "esp-eye"), ("unknown device profile 'esp-eye'",), 1),
     ],
 )
 def test_cli_bad_input_is_one_line_without_traceback(

@@ -1,6 +1,7 @@
 """Evaluation on device runtimes: LiteRT for .tflite (int8 quantized in and out like a device),
-ONNX Runtime for .onnx, TFLite Micro for arena bytes; MACs agree across formats; bad inputs
-are clear errors; ``edgeops evaluate`` scores a labelled file through the card's rule."""
+ONNX Runtime for .onnx, TFLite Micro for arena bytes and for scoring MCU models; MACs agree
+across formats; bad inputs are clear errors; ``edgeops evaluate`` scores a labelled file
+through the card's rule, on TFLM for a version made for a microcontroller."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ from edgeops.export import keras_to_onnx, keras_to_tflite_float
 from edgeops.registry import Registry
 from edgeops.store import ArtifactStore
 from edgeops.train import save_keras, train_model
+
+ROUNDING_LSB = 4
+"""Largest difference, in output LSB, between TFLM's and LiteRT's int8 outputs that rounding
+explains (reference vs optimized kernels) on these small models."""
 
 
 @dataclass
@@ -117,6 +122,54 @@ def test_tflm_scores_an_int8_model_on_its_own_interpreter(trained: Trained) -> N
     # bounded: at most max_samples, evenly spaced
     few = tflm_evaluate(trained.int8_tflite, trained.x_test, trained.y_test, max_samples=50)
     assert few is not None and few.num_samples == 50
+
+
+def test_int8_digits_model_scored_on_tflm_agrees_with_litert_and_says_runtime_tflm(
+    trained: Trained,
+) -> None:
+    from edgeops.evaluate.tflm import tflm_run
+
+    x, y = trained.x_test, trained.y_test
+    report = evaluate_artifact(trained.int8_tflite, "tflite", x, y, runtime="tflm")
+    litert = evaluate_artifact(trained.int8_tflite, "tflite", x, y)
+    assert report.runtime == "tflm" and report.to_dict()["runtime"] == "tflm"
+    assert report.num_samples == len(y)  # every test sample, one invoke each
+    assert (report.input_dtype, report.output_dtype) == ("int8", "int8")
+    assert report.arena_bytes == tflm_arena_bytes(trained.int8_tflite)
+    assert report.macs == litert.macs and report.size_bytes == litert.size_bytes
+    assert report.latency_ms_median > 0  # TFLM's own invokes, timed in its process
+    # The tolerance, justified on the data: both runtimes run the same int8 graph with the same
+    # scales, but TFLM's reference kernels and LiteRT's optimized ones may round a
+    # requantization differently; a 1-LSB difference in one layer can grow by a step or two
+    # through the next, so the int8 outputs may differ by a few LSB (a wrong kernel would
+    # differ by far more). With outputs at most d LSB apart, a prediction can change only
+    # where LiteRT's two highest outputs are within 2d: accuracy may differ by those samples.
+    runner = load_runner(trained.int8_tflite, "tflite")
+    fed = runner.input.quantize(x)
+    on_litert = np.concatenate([runner.raw(s[None]) for s in fed]).astype(np.int64)
+    on_tflm = tflm_run(trained.int8_tflite, fed).outputs.reshape(on_litert.shape)
+    d = int(np.abs(on_tflm.astype(np.int64) - on_litert).max())
+    assert d <= ROUNDING_LSB
+    top_two = np.sort(on_litert, axis=1)[:, -2:]
+    close_calls = int(np.sum(top_two[:, 1] - top_two[:, 0] <= 2 * d))
+    assert report.accuracy is not None and litert.accuracy is not None
+    assert abs(report.accuracy - litert.accuracy) * len(y) <= close_calls + 1e-9
+    # the sample count is capped on request and recorded
+    few = evaluate_artifact(trained.int8_tflite, "tflite", x, y, runtime="tflm", max_samples=40)
+    assert few.num_samples == 40 and few.runtime == "tflm"
+
+
+def test_tflm_runs_tflite_only_and_refuses_what_it_cannot_run(trained: Trained) -> None:
+    from edgeops.compress import quantize
+
+    x, y = trained.x_test[:8], trained.y_test[:8]
+    with pytest.raises(UnsupportedFormatError, match=r"TFLite Micro runs \.tflite"):
+        evaluate_artifact(trained.keras, "keras", x, y, runtime="tflm")
+    with pytest.raises(UnsupportedFormatError, match="runs on litert, not 'onnxruntime'"):
+        evaluate_artifact(trained.int8_tflite, "tflite", x, y, runtime="onnxruntime")
+    float16 = quantize(trained.model, "float16", trained.x_test)
+    with pytest.raises(RuntimeLoadError, match="TFLM cannot run the model"):
+        evaluate_artifact(float16, "tflite", x, y, runtime="tflm")
 
 
 def test_tflm_evaluate_says_none_for_a_model_tflm_cannot_run(trained: Trained) -> None:
@@ -256,3 +309,55 @@ def test_cli_evaluate_scores_a_labelled_file_through_the_device_path(
 
     assert main(["evaluate", version.id, "--data", str(tmp_path / "missing.npz")]) == 1
     assert "missing.npz" in capsys.readouterr().err
+
+
+def test_cli_evaluate_scores_a_version_made_for_an_mcu_on_tflm(
+    trained: Trained,
+    isolated_environment: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from edgeops.cli.main import main
+    from edgeops.evaluate import evaluate_file
+    from edgeops.train.zoo import TASK_CLASSIFICATION
+
+    database = Database(f"sqlite:///{isolated_environment / 'edgeops.db'}")
+    database.upgrade()
+    try:
+        store = ArtifactStore(isolated_environment / "artifacts")
+        datasets, registry = DatasetService(database, store), Registry(database, store)
+        dataset = datasets.resolve("digits")
+        with registry.start_run("compress", {}) as run:
+            # what `edgeops compress --quantize int8 --profile cortex-m4-256k` records
+            compression = {"quantization": "int8", "profile": {"name": "m4", "runtime": "tflm"}}
+            version = registry.register_model(
+                name="digits-cnn-int8",
+                artifact=trained.int8_tflite,
+                format="tflite",
+                run_id=run.id,
+                dataset_version=dataset.version,
+                parent_id=None,
+                config={"arch": "cnn", "task": TASK_CLASSIFICATION, "compression": compression},
+                metrics={},
+            )
+        data = tmp_path / "new.npz"
+        np.savez(data, x=trained.arrays.x_test[:100], y=trained.arrays.y_test[:100])
+        capsys.readouterr()
+        assert main(["evaluate", version.id, "--data", str(data), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["runtime"] == "tflm" and report["num_samples"] == 100
+        expected = tflm_evaluate(trained.int8_tflite, trained.x_test[:100], trained.y_test[:100])
+        assert expected is not None and report["accuracy"] == pytest.approx(expected.accuracy)
+        assert report["arena_bytes"] == expected.arena_bytes
+        # the caller may still ask for another runtime of the format
+        _, on_litert = evaluate_file(
+            version.id,
+            data,
+            label_column=None,
+            registry=registry,
+            datasets=datasets,
+            runtime="litert",
+        )
+        assert on_litert.runtime == "litert" and on_litert.num_samples == 100
+    finally:
+        database.dispose()

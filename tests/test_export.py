@@ -186,6 +186,26 @@ def test_onnx_card_metrics_are_measured_with_onnx_runtime_on_the_exported_file(
     assert tflite_card["metrics"]["size_bytes"] == tflite_paths[0].stat().st_size
 
 
+def test_export_for_tflm_scores_the_tflite_on_tflite_micro(hub: Hub) -> None:
+    from edgeops.evaluate import tflm_evaluate
+    from edgeops.export import export_artifact
+
+    result = export_artifact(
+        hub.keras_version, "tflite", registry=hub.registry, datasets=hub.datasets, runtime="tflm"
+    )
+    assert result.card.runtime == "tflm"
+    metrics = result.card.metrics
+    assert metrics["runtime"] == "tflm" and metrics["split"] == "test"
+    arrays = hub.datasets.load(hub.dataset.version)
+    again = tflm_evaluate(result.artifact, arrays.model_inputs("test"), arrays.y_test)
+    assert again is not None and metrics["accuracy"] == pytest.approx(again.accuracy)
+    assert metrics["num_samples"] == again.num_samples
+    with pytest.raises(UnsupportedExportError, match=r"TFLite Micro runs \.tflite"):
+        export_artifact(
+            hub.keras_version, "onnx", registry=hub.registry, datasets=hub.datasets, runtime="tflm"
+        )
+
+
 def test_export_refuses_unknown_format_and_tflite_to_onnx(hub: Hub, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedExportError, match="'c99'"):
         export("digits-cnn", "c99", tmp_path, registry=hub.registry, datasets=hub.datasets)

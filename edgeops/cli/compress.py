@@ -2,6 +2,7 @@
 
     edgeops compress digits-cnn --quantize int8 [--sparsity 0.5] [--clusters 16] [--qat] [--json]
     edgeops compress digits-cnn --profile cortex-m4-256k [--profiles FILE] [--json]
+    edgeops compress digits-cnn --quantize int8 --profile cortex-m4-256k   # scored on TFLM
 
 Thin: opens the configured database (migrated) and the artifact store under the data dir,
 calls :class:`edgeops.compress.CompressService`, prints a summary or a Rich table of the
@@ -109,7 +110,10 @@ def compress(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     profile: Annotated[
         str | None,
-        typer.Option(help="search width x sparsity x quantization for this device profile"),
+        typer.Option(
+            help="search width x sparsity x quantization for this device profile; with "
+            "--quantize: compress for it (an MCU profile scores on tflite-micro)",
+        ),
     ] = None,
     profiles: Annotated[
         Path | None,
@@ -132,13 +136,14 @@ def compress(
 ) -> None:
     """Compress a Keras model version (prune, quantize, QAT), or search for a device profile.
 
-    With --quantize: makes one compressed .tflite version, scored on the LiteRT interpreter,
-    and prints it. With --profile: evaluates a grid of candidates in parallel and prints the
-    Pareto front of accuracy vs flash vs RAM vs latency, marking what fits the device.
+    With --quantize: makes one compressed .tflite version, scored on the LiteRT interpreter
+    (with --profile of an MCU: on the tflite-micro interpreter), and prints it. With --profile
+    alone: evaluates a grid of candidates in parallel and prints the Pareto front of accuracy
+    vs flash vs RAM vs latency, marking what fits the device.
     """
-    if (quantize is None) == (profile is None):
-        raise typer.BadParameter("give either --quantize MODE or --profile NAME")
-    if profile is not None:
+    if quantize is None and profile is None:
+        raise typer.BadParameter("give --quantize MODE, --profile NAME, or both")
+    if quantize is None and profile is not None:
         grid_modes = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
         with open_compress_service() as service:
             result = service.search(
@@ -168,6 +173,8 @@ def compress(
             max_loss_pp=max_loss_pp,
             epochs=epochs,
             seed=seed,
+            profile=profile,
+            profiles_file=_profiles_file(profiles) if profile is not None else None,
             progress=True,
         )
     if as_json:
@@ -177,6 +184,7 @@ def compress(
                 "ref": version.ref,
                 "parent_id": version.parent_id,
                 "run_id": version.run_id,
+                "name": version.name,
                 "metrics": version.metrics,
                 "compression": version.config.get("compression"),
             }
@@ -214,8 +222,11 @@ def _print_version(version: ModelVersionView) -> None:
     facts.add_row("why", str(compression.get("reason", "")))
     nan = float("nan")
     score, baseline = metrics.get(key, nan), metrics.get(f"float_{key}", nan)
+    runtime = {"litert": "LiteRT", "tflm": "tflite-micro"}.get(
+        str(metrics.get("runtime")), str(metrics.get("runtime", "?"))
+    )
     facts.add_row(
-        f"test {key} (LiteRT)",
+        f"test {key} ({runtime})",
         f"{score:.4f} (float {baseline:.4f}, {metrics.get('loss_pp', nan):+.2f} pp)",
     )
     facts.add_row(

@@ -2,11 +2,11 @@
 
 Full-integer int8 is what microcontrollers run, so it is tried first. If it loses more than
 ``max_loss_pp`` percentage points against the float model — measured on the validation split
-with the LiteRT interpreter, the device runtime — quantization-aware training is tried
-(int8 again, after fine-tuning with fake quantization), then 16x8 (int16 activations). The
-first variant within the limit is chosen; if none is, the most accurate one is kept and the
-reason says so. Other requested modes are taken as they are: there is nothing to fall back
-to that would keep their size.
+on the device runtime (LiteRT, or tflite-micro when compressing for an MCU profile) —
+quantization-aware training is tried (int8 again, after fine-tuning with fake quantization),
+then 16x8 (int16 activations). The first variant within the limit is chosen; if none is, the
+most accurate one is kept and the reason says so. Other requested modes are taken as they
+are: there is nothing to fall back to that would keep their size.
 """
 
 from __future__ import annotations
@@ -70,12 +70,18 @@ def next_variant(
     return plan[len(attempts)] if len(attempts) < len(plan) else None
 
 
-def decide(attempts: list[Attempt], max_loss_pp: float, metric: str = "accuracy") -> Decision:
-    """Which attempt to keep, with a one-sentence reason naming every measurement."""
+def decide(
+    attempts: list[Attempt],
+    max_loss_pp: float,
+    metric: str = "accuracy",
+    runtime: str = "LiteRT",
+) -> Decision:
+    """Which attempt to keep, with a one-sentence reason naming every measurement and the
+    runtime that measured it."""
     if not attempts:
         raise ValueError("decide() needs at least one attempt")
     measured = "; ".join(f"{a.label} loses {a.loss_pp:.2f} pp" for a in attempts)
-    where = f"{metric} on the validation split, LiteRT"
+    where = f"{metric} on the validation split, {runtime}"
     last = attempts[-1]
     if last.loss_pp <= max_loss_pp:
         if len(attempts) == 1:

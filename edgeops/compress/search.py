@@ -2,8 +2,9 @@
 
 For a device profile, every candidate of the grid is built, compressed and evaluated with
 LiteRT (accuracy, size, gzip size, latency on this CPU) and, for MCU profiles, on the
-tflite-micro interpreter itself: its accuracy (validation and test splits, every sample
-invoked on TFLM) replaces LiteRT's, and its arena bytes are the RAM figure. LiteRT's scores
+tflite-micro interpreter itself: its accuracy (validation and test splits, each sample
+invoked on TFLM with a batch of 1; ``val_samples``/``test_samples`` say how many) replaces
+LiteRT's, ``scored_on`` says ``tflm``, and its arena bytes are the RAM figure. LiteRT's scores
 are kept beside (``litert_accuracy``, ``litert_test_accuracy``). Candidates run in a process
 pool (``spawn``, one job per width: train — or reuse the registered model at its own width —
 then prune to each sparsity, then quantize to each mode). The Pareto front is taken over
@@ -81,6 +82,8 @@ class Candidate:
     macs: int | None
     ops: list[str] = field(default_factory=list)
     scored_on: str = "litert"  # "tflm": MCU profile, scored on the tflite-micro interpreter
+    val_samples: int = 0  # samples behind `accuracy` (TFLM: at most TFLM_MAX_SAMPLES)
+    test_samples: int = 0  # samples behind `test_accuracy`
     litert_accuracy: float | None = None  # validation split on LiteRT (when scored on TFLM)
     litert_test_accuracy: float | None = None
     fits: bool = False
@@ -219,12 +222,14 @@ def _evaluate_width(job: _WidthJob) -> list[Candidate]:
             litert_val = float(val.to_dict()[job.metric])
             litert_test = float(test.to_dict()[job.metric])
             scores, scored_on = (litert_val, litert_test), "litert"
+            counts = (val.num_samples, test.num_samples)
             if job.runtime == "tflm" and arena is not None:
                 # an MCU candidate is scored on the interpreter the MCU runs
                 tflm_val = tflm_evaluate(flatbuffer, x_val, arrays.y_val, task=job.task)
                 tflm_test = tflm_evaluate(flatbuffer, x_test, arrays.y_test, task=job.task)
                 if tflm_val is not None and tflm_test is not None:
                     scores, scored_on = (tflm_val.score, tflm_test.score), "tflm"
+                    counts = (tflm_val.num_samples, tflm_test.num_samples)
             results.append(
                 Candidate(
                     width=job.width,
@@ -233,6 +238,8 @@ def _evaluate_width(job: _WidthJob) -> list[Candidate]:
                     accuracy=scores[0],
                     test_accuracy=scores[1],
                     scored_on=scored_on,
+                    val_samples=counts[0],
+                    test_samples=counts[1],
                     litert_accuracy=litert_val,
                     litert_test_accuracy=litert_test,
                     flash_bytes=int(test.size_bytes),

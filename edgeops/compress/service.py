@@ -1,9 +1,13 @@
 """The compression service: one compressed model version per call, recorded with lineage.
 
 ``compress`` loads a Keras model version, optionally prunes it and/or fine-tunes it with
-quantization-aware training, quantizes it, scores it on the device runtime (LiteRT) and
-registers the .tflite as a new version whose parent is the Keras one, all inside one
-registry run. The int8 fallback policy is in :mod:`edgeops.compress.policy`.
+quantization-aware training, quantizes it, scores it on the device runtime and registers the
+.tflite as a new version whose parent is the Keras one, all inside one registry run. The
+device runtime is LiteRT, or, when compressing for a device profile whose runtime is ``tflm``
+(``profile=``), the tflite-micro interpreter: then every score (float baseline, fallback
+attempts, test split) is TFLM's, the metrics say ``"runtime": "tflm"``, the card's runtime is
+``tflm`` and ``config.compression.profile`` names the profile. The int8 fallback policy is in
+:mod:`edgeops.compress.policy`.
 
 Compressed versions are named ``<parent name>[-p<S>][-c<K>][-qat]-<mode>``: ``-p50`` for 50 %
 pruning, ``-c16`` for 16 weight clusters, ``-qat`` when the chosen variant was fine-tuned with
@@ -22,6 +26,7 @@ import numpy as np
 from edgeops.compress._progress import Steps
 from edgeops.compress.errors import CompressError, NotCompressibleError, PruningError
 from edgeops.compress.policy import Attempt, decide, next_variant
+from edgeops.compress.profiles import get_profile
 from edgeops.compress.prune import (
     check_clusters,
     cluster,
@@ -37,6 +42,7 @@ if TYPE_CHECKING:
     from device_agent.card import ModelCard
     from edgeops.compress.search import SearchResult
     from edgeops.data import DatasetService
+    from edgeops.evaluate import EvalReport
     from edgeops.registry import Registry
     from edgeops.registry.models import ModelVersionView
 
@@ -70,6 +76,9 @@ def compressed_name(
     clustered = f"-c{clusters}" if clusters else ""
     trained = "-qat" if qat else ""
     return f"{parent_name}{pruned}{clustered}{trained}-{mode}"
+
+
+_RUNTIME_NAMES = {"litert": "LiteRT", "tflm": "tflite-micro"}
 
 
 def _score(report: Any, key: str) -> float:
@@ -107,6 +116,8 @@ class CompressService:
         max_loss_pp: float = 1.0,
         epochs: int = 2,
         seed: int = 0,
+        profile: str | None = None,
+        profiles_file: Path | None = None,
         progress: bool = True,
     ) -> ModelVersionView:
         """Compress ``model_ref`` into a new .tflite model version and return it.
@@ -114,14 +125,29 @@ class CompressService:
         ``epochs`` is the fine-tuning length of pruning, of weight clustering and of
         quantization-aware training. ``clusters`` clusters every prunable kernel into that
         many shared values after pruning (zeros preserved), before quantization.
-        Metrics of the new version are on the test split on LiteRT, plus the float model's
-        on the same split and runtime (``float_*``) and the loss in percentage points.
+        Metrics of the new version are on the test split on the device runtime, plus the
+        float model's on the same split and runtime (``float_*``) and the loss in percentage
+        points. The device runtime is LiteRT, or the tflite-micro interpreter when
+        ``profile`` names a device profile whose runtime is ``tflm`` (a variant TFLM cannot
+        run is then a :class:`NotCompressibleError`).
         """
-        from edgeops.evaluate import evaluate_artifact
+        from edgeops.evaluate import RuntimeLoadError, evaluate_artifact
         from edgeops.export.convert import keras_to_tflite_float
         from edgeops.train.trainer import load_keras
 
         requested = check_mode(quantize)
+        device = None if profile is None else get_profile(profile, profiles_file)
+        runtime = "tflm" if device is not None and device.runtime == "tflm" else "litert"
+        on_runtime = _RUNTIME_NAMES[runtime]
+
+        def evaluate(artifact: bytes, x: np.ndarray, y: np.ndarray, what: str) -> EvalReport:
+            try:
+                return evaluate_artifact(artifact, "tflite", x, y, task=task, runtime=runtime)
+            except RuntimeLoadError as exc:
+                raise NotCompressibleError(
+                    f"{what} cannot be scored on {on_runtime} for device profile {profile!r}: {exc}"
+                ) from exc
+
         if sparsity is not None and not 0.0 < sparsity < 1.0:
             raise PruningError(f"sparsity must be between 0 and 1 (exclusive), not {sparsity}")
         if clusters is not None:
@@ -146,19 +172,18 @@ class CompressService:
             "max_loss_pp": max_loss_pp,
             "epochs": epochs,
             "seed": seed,
+            "profile": profile,
         }
         total = 4 + (1 if sparsity else 0) + (1 if clusters else 0) + (1 if qat else 0)
         with (
             self._registry.start_run("compress", params) as run,
             Steps(total, f"compress {parent.ref}", enabled=progress) as steps,
         ):
-            steps.start("float baseline on LiteRT")
+            steps.start(f"float baseline on {on_runtime}")
             keras_model = load_keras(self._registry.load_artifact(parent.id))
             float_tflite = keras_to_tflite_float(keras_model)
-            float_val = _score(
-                evaluate_artifact(float_tflite, "tflite", x_val, arrays.y_val, task=task), key
-            )
-            run.log(f"float model: validation {key} {float_val:.4f} on LiteRT")
+            float_val = _score(evaluate(float_tflite, x_val, arrays.y_val, "the float model"), key)
+            run.log(f"float model: validation {key} {float_val:.4f} on {on_runtime}")
             steps.done()
             base = keras_model
             if sparsity:
@@ -197,23 +222,20 @@ class CompressService:
                 model = variant(use_qat)
                 steps.start(f"{'QAT ' if use_qat else ''}{mode} quantization")
                 flatbuffer = to_tflite(model, mode, representative)
-                score = _score(
-                    evaluate_artifact(flatbuffer, "tflite", x_val, arrays.y_val, task=task), key
-                )
+                label = f"{'QAT ' if use_qat else ''}{mode}"
+                score = _score(evaluate(flatbuffer, x_val, arrays.y_val, f"the {label} model"), key)
                 attempt = Attempt(mode, use_qat, score, (float_val - score) * 100, len(flatbuffer))
                 attempts.append(attempt)
                 artifacts[step] = flatbuffer
                 run.log(f"{attempt.label}: validation {key} {score:.4f}, {attempt.loss_pp:+.2f} pp")
                 steps.done()
-            decision = decide(attempts, max_loss_pp, key)
+            decision = decide(attempts, max_loss_pp, key, on_runtime)
             chosen = decision.chosen
             run.log(decision.reason)
-            steps.start("test split on LiteRT")
+            steps.start(f"test split on {on_runtime}")
             tflite = artifacts[(chosen.mode, chosen.qat)]
-            report = evaluate_artifact(tflite, "tflite", x_test, arrays.y_test, task=task)
-            float_report = evaluate_artifact(
-                float_tflite, "tflite", x_test, arrays.y_test, task=task
-            )
+            report = evaluate(tflite, x_test, arrays.y_test, f"the {chosen.label} model")
+            float_report = evaluate(float_tflite, x_test, arrays.y_test, "the float model")
             steps.done()
             chosen_model = variant(chosen.qat)
             test_score = _score(report, key)
@@ -247,12 +269,16 @@ class CompressService:
                 "seed": seed,
                 "representative_samples": len(representative),
             }
+            if device is not None:
+                compression["profile"] = {"name": device.name, "runtime": device.runtime}
             run.log_metrics(metrics)
             name = compressed_name(
                 parent.name, chosen.mode, sparsity, clusters=clusters, qat=chosen.qat
             )
             steps.start("model card")
-            card = self._card(name, tflite, task, arrays, x_val, x_test, metrics, compression)
+            card = self._card(
+                name, tflite, task, arrays, x_val, x_test, metrics, compression, runtime
+            )
             steps.done()
             return self._registry.register_model(
                 name=name,
@@ -276,9 +302,11 @@ class CompressService:
         x_test: np.ndarray,
         metrics: dict[str, Any],
         compression: dict[str, Any],
+        runtime: str,
     ) -> ModelCard:
-        """The compressed model's card: test vectors and output reference (class and
-        confidence histograms, or the reconstruction-error histogram) on LiteRT."""
+        """The compressed model's card: the metrics as measured on ``runtime`` (its runtime
+        field), test vectors and output reference (class and confidence histograms, or the
+        reconstruction-error histogram) on LiteRT."""
         from edgeops.evaluate import load_runner
         from edgeops.export.card import build_card
         from edgeops.train.service import output_reference
@@ -299,6 +327,7 @@ class CompressService:
             sample_inputs=x_test,
             sample_labels=arrays.y_test,
             metrics=metrics,
+            runtime=runtime,
             extra={"compression": compression},
         )
 

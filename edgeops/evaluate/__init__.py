@@ -6,20 +6,28 @@
     report.accuracy, report.size_bytes, report.gzip_bytes, report.latency_ms_median
     report.arena_bytes   # TFLM's arena, for a full-int8 model
     report.macs
-    tflm_evaluate(tflite_bytes, x_test, y_test).accuracy   # scored on TFLM itself
+    evaluate_artifact(tflite_bytes, "tflite", x_test, y_test, runtime="tflm")  # on TFLM itself
+    tflm_evaluate(tflite_bytes, x_test, y_test).accuracy   # the TFLM score alone, or None
 
 Keras is used only when the artifact itself is a Keras model (a reference figure). See
 docs/training.md.
 """
 
 from edgeops.evaluate.errors import EvaluationError, RuntimeLoadError, UnsupportedFormatError
-from edgeops.evaluate.files import evaluate_file
+from edgeops.evaluate.files import device_runtime, evaluate_file
 from edgeops.evaluate.macs import keras_macs, onnx_macs, tflite_macs
-from edgeops.evaluate.report import TASKS, EvalReport, evaluate_artifact, score_outputs
+from edgeops.evaluate.report import (
+    EVAL_RUNTIMES,
+    TASKS,
+    EvalReport,
+    evaluate_artifact,
+    score_outputs,
+)
 from edgeops.evaluate.runtimes import FORMATS, Runner, TensorInfo, load_runner
-from edgeops.evaluate.tflm import TflmScore, tflm_arena_bytes, tflm_evaluate
+from edgeops.evaluate.tflm import TflmScore, tflm_arena_bytes, tflm_evaluate, tflm_score
 
 __all__ = [
+    "EVAL_RUNTIMES",
     "FORMATS",
     "TASKS",
     "EvalReport",
@@ -29,6 +37,7 @@ __all__ = [
     "TensorInfo",
     "TflmScore",
     "UnsupportedFormatError",
+    "device_runtime",
     "evaluate_artifact",
     "evaluate_file",
     "keras_macs",
@@ -38,4 +47,5 @@ __all__ = [
     "tflite_macs",
     "tflm_arena_bytes",
     "tflm_evaluate",
+    "tflm_score",
 ]

@@ -7,7 +7,8 @@ allocator's report to stderr (the parent parses it).
 With ``--run``: reads an ``.npz`` from stdin holding ``model`` (the flatbuffer as uint8) and
 ``inputs`` (a batch of input tensors, already in the input tensor's dtype: int8 for a
 full-integer model), invokes the interpreter once per sample, writes the stacked output
-tensors (as the runtime holds them) as ``.npy`` to stdout, then prints the allocations.
+tensors (as the runtime holds them) as ``.npy`` to stdout, then prints the median wall time
+of one invoke (``median invoke ms: X``) and the allocations to stderr.
 
 It runs in its own process because the TFLM interpreter aborts the whole process on models
 it cannot prepare. It imports nothing from EdgeOps and no TensorFlow.
@@ -16,7 +17,9 @@ it cannot prepare. It imports nothing from EdgeOps and no TensorFlow.
 from __future__ import annotations
 
 import io
+import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -39,15 +42,19 @@ def main(argv: list[str]) -> int:
         interpreter.set_input(np.zeros(shape, dtype=dtype), 0)
         interpreter.invoke()
     else:
-        outputs = []
+        outputs, times = [], []
         for sample in inputs:
             interpreter.set_input(np.asarray(sample, dtype=dtype).reshape(shape), 0)
+            start = time.perf_counter()
             interpreter.invoke()
+            times.append((time.perf_counter() - start) * 1000.0)
             outputs.append(np.array(interpreter.get_output(0)))
         buffer = io.BytesIO()
         np.save(buffer, np.concatenate(outputs, axis=0), allow_pickle=False)
         sys.stdout.buffer.write(buffer.getvalue())
         sys.stdout.buffer.flush()
+        median = statistics.median(times) if times else 0.0
+        sys.stderr.write(f"median invoke ms: {median!r}\n")
     sys.stderr.flush()
     interpreter.print_allocations()
     return 0

@@ -26,6 +26,7 @@ __all__ = [
     "OnnxRunner",
     "Runner",
     "TensorInfo",
+    "check_inputs",
     "load_runner",
 ]
 
@@ -146,7 +147,7 @@ class LiteRTRunner:
         return np.array(self._interpreter.get_tensor(self._out["index"]))
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        x = _check_inputs(x, self._sample_shape)
+        x = check_inputs(x, self._sample_shape)
         outputs = [self.output.dequantize(self.raw(self.input.quantize(s[None]))) for s in x]
         return np.concatenate(outputs, axis=0) if outputs else np.zeros((0,), np.float32)
 
@@ -207,7 +208,7 @@ class OnnxRunner:
         return output
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        x = _check_inputs(x, self._sample_shape)
+        x = check_inputs(x, self._sample_shape)
         if _batch_one(self.input.shape):
             batch: np.ndarray = np.concatenate([self.raw(s[None]) for s in x], axis=0)
             return np.asarray(batch, dtype=np.float32)
@@ -251,7 +252,7 @@ class KerasRunner:
         return np.asarray(self.model(sample, training=False), dtype=np.float32)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        x = _check_inputs(x, self._sample_shape)
+        x = check_inputs(x, self._sample_shape)
         return np.asarray(self.model.predict(x, verbose=0, batch_size=256), dtype=np.float32)
 
     def latency_ms(self, sample: np.ndarray, repeats: int) -> float:
@@ -259,7 +260,9 @@ class KerasRunner:
         return _median_ms(lambda: self.raw(batch), repeats)
 
 
-def _check_inputs(x: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
+def check_inputs(x: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as float32 if its samples have ``sample_shape`` and finite values, else
+    :class:`EvaluationError` naming the expected and the actual shape."""
     from edgeops.evaluate.errors import EvaluationError
 
     x = np.asarray(x, dtype=np.float32)

@@ -5,6 +5,7 @@
     flatbuffer = keras_to_tflite_float(model)          # float32, batch 1
     onnx_bytes = keras_to_onnx(model)                  # tf2onnx, checked against Keras (ORT)
     paths = export("digits-cnn", "tflite", Path("out"), registry=registry, datasets=datasets)
+    export_artifact(view, "tflite", registry=registry, datasets=datasets, runtime="tflm")  # MCU
 
 See docs/training.md.
 """
@@ -13,6 +14,7 @@ from edgeops.export.card import DEFAULT_TEST_VECTORS, build_card, op_set, quanti
 from edgeops.export.convert import ONNX_ATOL, ONNX_OPSET, keras_to_onnx, keras_to_tflite_float
 from edgeops.export.errors import ConversionError, ExportError, UnsupportedExportError
 from edgeops.export.service import (
+    CARD_RUNTIMES,
     EXPORT_FORMATS,
     ExportResult,
     export,
@@ -21,6 +23,7 @@ from edgeops.export.service import (
 )
 
 __all__ = [
+    "CARD_RUNTIMES",
     "DEFAULT_TEST_VECTORS",
     "EXPORT_FORMATS",
     "ONNX_ATOL",

@@ -5,10 +5,15 @@
 ``<name>-<seq>.tflite.card.md`` (one card per format, so both formats fit in one directory).
 ``"onnx"`` converts a Keras version with tf2onnx and checks the result against Keras with ONNX
 Runtime. The card's metrics are those of the artifact written, on the runtime that runs it: a
-converted artifact (Keras to float .tflite or to .onnx) is scored on the dataset's test split
-with LiteRT or ONNX Runtime (never the Keras figures); a .tflite version exported as stored
-keeps its registered metrics, which were measured on LiteRT. Each file is written to a temp
-file and renamed, so an interrupted export leaves whole files or none.
+converted artifact (Keras to float .tflite or to .onnx) is scored on the dataset's test split,
+through the dataset's preprocessing, with LiteRT or ONNX Runtime (never the Keras figures;
+the metrics' ``runtime`` says ``litert`` or ``onnxruntime``); a .tflite version exported as
+stored keeps its registered metrics when they were measured on the card's runtime, and is
+scored again on it otherwise. The card's runtime is the format's (``litert``, ``onnx``), or
+``tflm`` when asked for (``runtime="tflm"``, a microcontroller build, as a release for
+``mcu`` does): then the metrics are the tflite-micro interpreter's, e.g. those a version
+compressed for an MCU profile was registered with. Each file is written to a temp file and
+renamed, so an interrupted export leaves whole files or none.
 """
 
 from __future__ import annotations
@@ -29,9 +34,19 @@ if TYPE_CHECKING:
     from edgeops.data import DatasetService
     from edgeops.registry import ModelVersionView, Registry
 
-__all__ = ["EXPORT_FORMATS", "ExportResult", "export", "export_artifact", "export_bundle"]
+__all__ = [
+    "CARD_RUNTIMES",
+    "EXPORT_FORMATS",
+    "ExportResult",
+    "export",
+    "export_artifact",
+    "export_bundle",
+]
 
 EXPORT_FORMATS = ("tflite", "onnx")
+CARD_RUNTIMES = {"tflite": ("litert", "tflm"), "onnx": ("onnx",)}
+"""The runtimes a card of each format may name; the first is the default."""
+_EVAL_RUNTIME = {"litert": "litert", "onnx": "onnxruntime", "tflm": "tflm"}
 
 
 class ExportResult:
@@ -50,13 +65,15 @@ def export(
     *,
     registry: Registry,
     datasets: DatasetService,
+    runtime: str | None = None,
 ) -> list[Path]:
     """Write ``model_ref`` as ``format`` (tflite or onnx) with its card into ``out_dir``.
 
-    Returns the paths written: the artifact, the card as JSON, the card as Markdown.
+    ``runtime`` is the card's (see :func:`export_artifact`). Returns the paths written: the
+    artifact, the card as JSON, the card as Markdown.
     """
     view = registry.get_model(model_ref)
-    result = export_artifact(view, format, registry=registry, datasets=datasets)
+    result = export_artifact(view, format, registry=registry, datasets=datasets, runtime=runtime)
     stem = f"{view.name}-{view.seq}"
     files = [
         (out_dir / f"{stem}.{format}", result.artifact),
@@ -90,12 +107,31 @@ def export_bundle(
 
 
 def export_artifact(
-    view: ModelVersionView, format: str, *, registry: Registry, datasets: DatasetService
+    view: ModelVersionView,
+    format: str,
+    *,
+    registry: Registry,
+    datasets: DatasetService,
+    runtime: str | None = None,
 ) -> ExportResult:
-    """The bytes of ``view`` in ``format`` and their card (nothing written)."""
+    """The bytes of ``view`` in ``format`` and their card (nothing written).
+
+    ``runtime`` is the card's runtime (:data:`CARD_RUNTIMES`; default the format's):
+    ``tflm`` describes a microcontroller build, scored on the tflite-micro interpreter. An
+    artifact TFLM cannot run is then an :class:`UnsupportedExportError`.
+    """
+    from edgeops.evaluate import RuntimeLoadError
+
     if format not in EXPORT_FORMATS:
         raise UnsupportedExportError(
             f"cannot export to {format!r}; formats: {', '.join(EXPORT_FORMATS)}"
+        )
+    card_runtime = runtime or CARD_RUNTIMES[format][0]
+    if card_runtime not in CARD_RUNTIMES[format]:
+        raise UnsupportedExportError(
+            f"a .{format} card cannot name runtime {card_runtime!r}; "
+            f"runtimes: {', '.join(CARD_RUNTIMES[format])}"
+            + ("; TFLite Micro runs .tflite models only" if card_runtime == "tflm" else "")
         )
     stored = registry.load_artifact(view.id)
     dataset = datasets.resolve(view.dataset_version)
@@ -120,8 +156,20 @@ def export_artifact(
     config = dict(view.config)
     task = str(config.get("task") or stored_card.get("task") or dataset.task)
     metrics = dict(view.metrics)
-    if artifact is not stored:
-        metrics = _runtime_metrics(artifact, format, x_test, np.asarray(arrays.y_test), task)
+    wanted = _EVAL_RUNTIME[card_runtime]
+    # registered metrics without a runtime predate the field: measured on the format's
+    scored_on = metrics.get("runtime") or _EVAL_RUNTIME[CARD_RUNTIMES[format][0]]
+    if artifact is not stored or scored_on != wanted:
+        try:
+            metrics = _runtime_metrics(
+                artifact, format, x_test, np.asarray(arrays.y_test), task, runtime=wanted
+            )
+        except RuntimeLoadError as exc:
+            if card_runtime != "tflm":
+                raise
+            raise UnsupportedExportError(
+                f"model {view.ref} ({view.id}) cannot run on {card_runtime}: {exc}"
+            ) from exc
     lineage = {
         **dict(stored_card.get("lineage") or {}),
         "model_id": view.id,
@@ -146,17 +194,25 @@ def export_artifact(
         lineage=lineage,
         model_id=view.id,
         version=str(view.seq),
+        runtime=card_runtime,
         extra={k: v for k, v in stored_card.items() if k == "compression"},
     )
     return ExportResult(artifact, format, card)
 
 
 def _runtime_metrics(
-    artifact: bytes, format: str, x_test: np.ndarray, y_test: np.ndarray, task: str
+    artifact: bytes,
+    format: str,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    task: str,
+    *,
+    runtime: str,
 ) -> dict[str, Any]:
-    """The exported artifact scored on its own runtime (LiteRT for .tflite, ONNX Runtime for
-    .onnx) over the test split: the evaluation report, plus the split it was measured on."""
+    """The exported artifact scored on ``runtime`` (LiteRT or tflite-micro for .tflite, ONNX
+    Runtime for .onnx) over the test split: the evaluation report (its ``runtime`` names the
+    runtime), plus the split it was measured on."""
     from edgeops.evaluate import evaluate_artifact
 
-    report = evaluate_artifact(artifact, format, x_test, y_test, task=task)
+    report = evaluate_artifact(artifact, format, x_test, y_test, task=task, runtime=runtime)
     return {**report.to_dict(), "split": "test"}

@@ -189,7 +189,13 @@ def release_model(
     view = registry.get_model(model_ref)
     path = target_path(view.name, view.seq, runtime)
     try:
-        result = export_artifact(view, _FORMAT[runtime], registry=registry, datasets=datasets)
+        result = export_artifact(
+            view,
+            _FORMAT[runtime],
+            registry=registry,
+            datasets=datasets,
+            runtime=_CARD_RUNTIME[runtime],
+        )
     except UnsupportedExportError as exc:
         raise ReleaseError(f"cannot release {view.ref} for runtime {runtime}: {exc}") from None
     card = result.card
