@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 		|| { echo "EdgeOps needs Python >= 3.11 ($(PYTHON) is older)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[all,dev]'
+# --no-compile: Python compiles a module to bytecode when it is first imported; pip would
+# compile all ~17,000 modules of the extras (TensorFlow, Ray ...) up front, most never used
+	$(BIN)/python -m pip install --quiet --progress-bar off --no-compile -e '.[all,dev]'
 	touch $@
 
 install: $(STAMP)  ## create .venv and install EdgeOps with every extra

@@ -84,8 +84,9 @@ def test_unreachable_database_is_one_line() -> None:
 def test_unreachable_broker_is_one_line() -> None:
     port = _closed_port()
     result = run_cli(
-        "edgeops", "hub", "serve", env={"EDGEOPS_MQTT_URL": f"mqtt://127.0.0.1:{port}"}
-    )
+        "edgeops", "hub", "serve", "--connect-timeout", "1",
+        env={"EDGEOPS_MQTT_URL": f"mqtt://127.0.0.1:{port}"},
+    )  # fmt: skip
     assert result.returncode == 1
     assert_one_line_error(result, "cannot connect to MQTT broker", f"127.0.0.1:{port}")
 

@@ -165,7 +165,10 @@ def test_cli_deploy_checks_everything_first(toy_repository: TrustRepository) -> 
     assert_one_line_error(no_broker, "no broker configured", "EDGEOPS_MQTT_URL")
 
     down = {"EDGEOPS_MQTT_URL": f"mqtt://127.0.0.1:{free_port()}"}
-    unreachable = edgeops("devices", "deploy", target, "-d", "cam-1", env=down)
+    # the connection is refused at once: no need to wait the default 10 s for it
+    unreachable = edgeops(
+        "devices", "deploy", target, "-d", "cam-1", "--connect-timeout", "1", env=down
+    )
     assert unreachable.returncode == 1
     assert_one_line_error(unreachable, "cannot connect to MQTT broker", "nothing was deployed")
 

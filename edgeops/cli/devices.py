@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from edgeops.cli._hub import CONNECT_TIMEOUT_S, ConnectTimeoutOption
 from edgeops.cli.trust import Runtime
 from edgeops.errors import ConfigError
 
@@ -265,13 +266,14 @@ def devices_deploy(
         Runtime | None,
         typer.Option(help="choose among a model version's targets: litert, onnx or mcu"),
     ] = None,
+    connect_timeout: ConnectTimeoutOption = CONNECT_TIMEOUT_S,
     as_json: JsonOption = False,
 ) -> None:
     """Point devices at a signed release: set desired.release and publish it (retained).
 
     Everything is checked first (the release is in the release repository, every device is
-    known, the broker answers); then the devices' desired state is set in one transaction
-    and published. Needs EDGEOPS_MQTT_URL (the hub's broker identity).
+    known, the broker answers within --connect-timeout); then the devices' desired state is
+    set in one transaction and published. Needs EDGEOPS_MQTT_URL (the hub's broker identity).
     """
     from edgeops.cli._hub import open_hub
     from edgeops.cli.main import settings
@@ -305,7 +307,7 @@ def devices_deploy(
             endpoint, client_id=current.mqtt_client_id, tls=current.tls_files
         )
         try:
-            publisher.start()
+            publisher.start(wait_s=connect_timeout)
         except BrokerError as exc:
             raise BrokerError(f"{exc}; nothing was deployed") from None
         try:

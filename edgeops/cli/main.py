@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from device_agent._version import __version__
+from edgeops.cli._hub import CONNECT_TIMEOUT_S, ConnectTimeoutOption
 from edgeops.cli.broker import broker_app
 from edgeops.cli.compress import compress
 from edgeops.cli.data import data_app
@@ -152,12 +153,18 @@ def db_upgrade(as_json: JsonOption = False) -> None:
 def hub_serve(
     host: Annotated[str | None, typer.Option(help="API address (EDGEOPS_API_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="API port (EDGEOPS_API_PORT)")] = None,
+    connect_timeout: ConnectTimeoutOption = CONNECT_TIMEOUT_S,
 ) -> None:
     """Run the hub: migrations, the MQTT bridge and the HTTP API, until Ctrl-C."""
     from edgeops.hub.serve import serve
 
     current = settings()
-    serve(current, host or current.api_host, port or current.api_port)
+    serve(
+        current,
+        host or current.api_host,
+        port or current.api_port,
+        connect_timeout_s=connect_timeout,
+    )
 
 
 @app.command()

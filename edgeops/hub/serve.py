@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
-    """Run the hub in the foreground; returns after SIGINT/SIGTERM."""
+def serve(settings: Settings, host: str, port: int, *, connect_timeout_s: float = 10.0) -> None:
+    """Run the hub in the foreground; returns after SIGINT/SIGTERM. BrokerError if the
+    broker does not accept the bridge's connection within ``connect_timeout_s``."""
     import uvicorn
 
     from edgeops.api import create_app
@@ -49,7 +50,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
     database.upgrade()
     fleet = FleetService(database)
     bridge = HubBridge(endpoint, fleet, client_id=settings.mqtt_client_id, tls=settings.tls_files)
-    bridge.start()
+    bridge.start(wait_s=connect_timeout_s)
     stop = threading.Event()
     pump = threading.Thread(target=bridge.run, args=(stop,), name="hub-bridge", daemon=True)
     pump.start()
