@@ -141,6 +141,8 @@ class AgentDaemon:
         self.dispatcher.on_raw(Channel.DESIRED, self._on_desired)
         self._fetch_res_topic = device_topic(self.device_id, Channel.FETCH_RES)
         self.link.subscribe(self._fetch_res_topic, QOS)
+        # the updater's thread waits for these: straight to its fetcher, not behind the loop
+        self.link.route(self._fetch_res_topic, self._deliver_fetch)
         self._state_changed = threading.Event()  # set by the updater's thread: re-publish
         self.updates = UpdateService(
             settings,
@@ -149,6 +151,7 @@ class AgentDaemon:
             health=self._champion_health,
             report=self._report_update,
             send_fetch=self._send_fetch,
+            wake=self.link.nudge,
         )
 
         # inference: set up by run()
@@ -209,7 +212,7 @@ class AgentDaemon:
 
     def stop(self) -> None:
         """Ask the main loop to drain and exit (safe from signal handlers and other threads)."""
-        self._stop.set()
+        self._stop.set()  # no nudge: a queue's lock is not safe in a signal handler
 
     def run(self) -> int:
         """Run until :meth:`stop`; returns the process exit code."""
@@ -331,6 +334,12 @@ class AgentDaemon:
         """An updater transition (worker thread): an ``update`` event, and a state re-publish."""
         self._event("update", **transition.detail())
         self._state_changed.set()
+        self.link.nudge()  # the main loop sends both now, not when it next wakes
+
+    def _deliver_fetch(self, payload: bytes) -> None:
+        """A ``fetch/res`` frame (binary, not a JSON document), on the link's network thread:
+        the fetcher only decodes its header and wakes the download waiting for it."""
+        self.updates.deliver(payload)
 
     def _send_fetch(self, payload: bytes) -> None:
         """Publish a ``fetch/req``; LinkError while disconnected (paho would queue it, and
@@ -359,8 +368,17 @@ class AgentDaemon:
         else:
             while (event := self.link.get(timeout_s=0)) is not None:
                 self._handle(event)
+            ready_at = None if self.source is None else self.source.ready_at()
+            # work another thread asked for since the turn began (its nudge may have been
+            # taken by the drain above): no waiting then
+            limit = 0.0 if self._owes_work() else SAMPLE_BUDGET_S
             if self.source is None or self._source_done:
-                event = self.link.get(timeout_s=SAMPLE_BUDGET_S)
+                event = self.link.get(timeout_s=limit)
+                if event is not None:
+                    self._handle(event)
+            elif ready_at is not None and (wait := ready_at - time.monotonic()) > 0:
+                # a paced source's next sample is not due yet: wait for MQTT events instead
+                event = self.link.get(timeout_s=min(wait, limit))
                 if event is not None:
                     self._handle(event)
             else:
@@ -372,11 +390,18 @@ class AgentDaemon:
         self._pump()
         self._heartbeat()
 
+    def _owes_work(self) -> bool:
+        """A state change to publish, a champion swap to make or a stop to carry out."""
+        return self._state_changed.is_set() or self.updates.swap_pending() or self._stop.is_set()
+
     def _run_samples(self, source: Source, budget_s: float) -> int:
         """Poll ``source`` and run its samples for up to ``budget_s``; how many ran."""
         deadline = time.monotonic() + budget_s
         done = 0
         while (remaining := deadline - time.monotonic()) > 0:
+            ready_at = source.ready_at()
+            if done and ready_at is not None and ready_at > time.monotonic():
+                break  # the next one is not due: the loop waits for it on the link instead
             try:
                 sample = source.poll(remaining)
             except (AgentError, OSError) as exc:
@@ -533,8 +558,6 @@ class AgentDaemon:
         elif isinstance(event, Disconnected):
             log.warning("disconnected (%s); reconnecting", event.reason)
             self._write_health("connecting")
-        elif event.topic == self._fetch_res_topic:  # binary frames, not JSON documents
-            self.updates.deliver(event.payload)
         else:
             self.dispatcher.dispatch(event)
 
@@ -673,7 +696,7 @@ class AgentDaemon:
         with self._health_lock:
             self._health_doc = doc
         self._health_written_at = time.monotonic()
-        atomic_write_json(self.health_file, doc)
+        atomic_write_json(self.health_file, doc, durable=False)  # a snapshot, rewritten
 
     # -- stop ------------------------------------------------------------------------------
 

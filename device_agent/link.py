@@ -3,7 +3,11 @@
 Design rules, kept here so they cannot be broken by accident:
 
 * paho runs its own network thread (``loop_start``); our callbacks do nothing but put an
-  event in the owner's inbox (:meth:`MqttLink.get`). No user code runs under paho's locks.
+  event in the owner's inbox (:meth:`MqttLink.get`). No user code runs under paho's locks,
+  with one declared exception: messages on a topic given to :meth:`MqttLink.route` go to its
+  handler on the network thread, and that handler may only hand the payload over (set an
+  event, put it in a queue), never block. :meth:`MqttLink.nudge` wakes a waiting
+  :meth:`MqttLink.get` without an event.
 * Subscriptions are declared once and (re)issued in ``on_connect``, so they survive a
   reconnect to a broker that forgot the session.
 * paho's own reconnect (doubling, no jitter) is off. A supervisor thread reconnects with a
@@ -176,6 +180,13 @@ def acknowledged(info: paho.MQTTMessageInfo) -> bool:
         return False
 
 
+class _Nudge:
+    """What :meth:`MqttLink.nudge` puts in the inbox; :meth:`MqttLink.get` never returns it."""
+
+
+_NUDGE = _Nudge()
+
+
 class MqttLink:
     """One MQTT connection with an inbox, declared subscriptions and a reconnect supervisor."""
 
@@ -200,7 +211,8 @@ class MqttLink:
         self._ca_file = tls.ca_file if tls is not None else None
         self._backoff = backoff or Backoff()
         self._rng = random.Random(seed)
-        self._inbox: queue.Queue[LinkEvent] = queue.Queue()
+        self._inbox: queue.Queue[LinkEvent | _Nudge] = queue.Queue()
+        self._routes: dict[str, Callable[[bytes], None]] = {}
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._session_up = False  # under _lock: on_connect has read the subscriptions
@@ -318,12 +330,28 @@ class MqttLink:
             raise LinkError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
         return info
 
+    def route(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Hand every message on ``topic`` (exactly that topic, no wildcards) to ``handler``
+        on paho's network thread instead of the inbox.
+
+        For payloads another thread is waiting for (a download's responses), so they do not
+        queue behind whatever the owner's loop is doing. ``handler`` must only hand the
+        payload over and return; an exception from it is logged and the message dropped.
+        Call before :meth:`start`.
+        """
+        self._routes[topic] = handler
+
+    def nudge(self) -> None:
+        """Wake the thread waiting in :meth:`get` (it returns None), from any thread."""
+        self._inbox.put(_NUDGE)
+
     def get(self, timeout_s: float | None = None) -> LinkEvent | None:
-        """The next event from the inbox, or None after ``timeout_s``."""
+        """The next event from the inbox, or None after ``timeout_s`` (or a :meth:`nudge`)."""
         try:
-            return self._inbox.get(timeout=timeout_s)
+            event = self._inbox.get(timeout=timeout_s)
         except queue.Empty:
             return None
+        return None if isinstance(event, _Nudge) else event
 
     def events(self, timeout_s: float) -> Iterator[LinkEvent]:
         """The inbox's events until it stays empty up to ``timeout_s`` from now (for pumps)."""
@@ -443,6 +471,13 @@ class MqttLink:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         self.stats.messages_in += 1
+        handler = self._routes.get(msg.topic)
+        if handler is not None:
+            try:
+                handler(bytes(msg.payload))
+            except Exception:  # never into paho's loop: it would drop the connection
+                log.exception("handler for %s failed; message dropped", msg.topic)
+            return
         self._inbox.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
 
 

@@ -604,3 +604,56 @@ def test_the_buffer_bound_drops_the_oldest_and_reports_the_loss(
     finally:
         daemon.champion.close()
         buffer.close()
+
+
+def test_a_paced_source_between_samples_does_not_hold_back_mqtt_messages(
+    mosquitto_url: str,
+    watcher: MqttLink,
+    int8_model_dir: Path,
+    digits_samples: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
+    isolated_environment: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a sample every 20 s and a loop allowed 30 s for samples per turn, a desired state
+    published after the first sample is taken long before the second: the loop waits for
+    MQTT events until the next sample is due, not inside the source's poll."""
+    import device_agent.daemon
+
+    monkeypatch.setattr(device_agent.daemon, "SAMPLE_BUDGET_S", 30.0)
+    x, y = digits_samples
+    settings = settings_for(
+        mosquitto_url,
+        isolated_environment,
+        "edge-12",
+        int8_model_dir,
+        window_samples=1000,
+        window_seconds=0,
+        source={
+            "kind": "synthetic",
+            "path": samples_npz(tmp_path / "base.npz", x[:20], y[:20]),
+            "rate_hz": 0.05,  # the second sample is due 20 s after the first
+        },
+    )
+    state_dir = settings.state_dir
+    desired = {"schema": 1, "type": "desired", "note": "while the source is idle"}
+    with running_daemon(settings) as daemon:
+        try:
+            wait_until(lambda: daemon.samples_total >= 1, timeout=60, what="the first sample")
+            watcher.publish(
+                device_topic("edge-12", Channel.DESIRED),
+                json.dumps(desired).encode(),
+                retain=True,
+                wait_s=5,
+            )
+            wait_until(
+                lambda: (state_dir / "desired.json").is_file(),
+                timeout=15,
+                what="the desired state taken between two samples",
+            )
+            assert daemon.samples_total == 1  # taken before the second sample was due
+            assert json.loads((state_dir / "desired.json").read_text()) == desired
+        finally:
+            daemon.stop()
+            for _ in range(3):  # the loop may be waiting on the link for the next sample
+                daemon.link.nudge()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import queue
 import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from device_agent.link import (
     Connected,
     Disconnected,
     LinkEvent,
+    Message,
     MqttEndpoint,
     MqttLink,
     TlsFiles,
@@ -333,3 +338,125 @@ def test_broker_that_cannot_listen_fails_with_the_tail_of_its_log(
     message = str(caught.value)
     assert message.startswith(f"Mosquitto failed to start on 127.0.0.1:{mosquitto.port}")
     assert "Error: Address already in use" in message
+
+
+# -- routed topics and nudges -----------------------------------------------------------------
+
+
+def test_a_routed_topic_goes_to_its_handler_not_the_inbox(
+    mosquitto_url: str, links: list[MqttLink]
+) -> None:
+    routed_topic = "edgeops/v1/dev/dev-1/fetch/resp"
+    other_topic = device_topic("dev-1", Channel.EVENTS)
+    received: queue.Queue[tuple[bytes, str]] = queue.Queue()
+    device = MqttLink(MqttEndpoint.parse(mosquitto_url), "dev-1", backoff=FAST)
+    links.append(device)
+    device.route(
+        routed_topic, lambda payload: received.put((payload, threading.current_thread().name))
+    )
+    device.subscribe(routed_topic)
+    device.subscribe(other_topic)
+    device.start(wait_s=10)
+    wait_subscribed(device, other_topic)
+    sender = connect(links, mosquitto_url, "sender")
+
+    sender.publish(routed_topic, b"chunk-1", wait_s=5)
+    sender.publish(other_topic, b"event-1", wait_s=5)
+
+    payload, thread_name = received.get(timeout=10)
+    assert payload == b"chunk-1"
+    assert thread_name != threading.current_thread().name  # paho's network thread
+    # the inbox holds the other topic's message only: the routed one never reaches it
+    inbox = messages(device, "edgeops/v1/dev/dev-1/", within_s=1.0)
+    assert [(m.topic, m.payload) for m in inbox] == [(other_topic, b"event-1")]
+    assert received.empty()
+
+
+def test_a_failing_route_handler_drops_its_message_and_the_link_keeps_working(
+    mosquitto_url: str, links: list[MqttLink], caplog: pytest.LogCaptureFixture
+) -> None:
+    routed_topic = "edgeops/v1/dev/dev-1/fetch/resp"
+    other_topic = device_topic("dev-1", Channel.EVENTS)
+    calls: queue.Queue[bytes] = queue.Queue()
+
+    def handler(payload: bytes) -> None:
+        calls.put(payload)
+        if payload == b"bad":
+            raise ValueError("handler broke")
+
+    device = MqttLink(MqttEndpoint.parse(mosquitto_url), "dev-1", backoff=FAST)
+    links.append(device)
+    device.route(routed_topic, handler)
+    device.subscribe(routed_topic)
+    device.subscribe(other_topic)
+    device.start(wait_s=10)
+    wait_subscribed(device, other_topic)
+    sender = connect(links, mosquitto_url, "sender")
+
+    with caplog.at_level(logging.ERROR, logger="device_agent.link"):
+        sender.publish(routed_topic, b"bad", wait_s=5)
+        assert calls.get(timeout=10) == b"bad"
+        sender.publish(other_topic, b"after", wait_s=5)
+        sender.publish(routed_topic, b"good", wait_s=5)
+
+        message = next_message(device, other_topic)
+        assert message is not None and message.payload == b"after"
+        assert calls.get(timeout=10) == b"good"
+
+    assert device.connected
+    assert device.stats.disconnects == 0
+    failures = [r for r in caplog.records if r.name == "device_agent.link"]
+    assert [r.getMessage() for r in failures] == [
+        f"handler for {routed_topic} failed; message dropped"
+    ]
+    assert failures[0].exc_info is not None and failures[0].exc_info[0] is ValueError
+    # neither routed payload went to the inbox, whether its handler failed or not
+    assert messages(device, routed_topic, within_s=0.5) == []
+
+
+def test_nudge_wakes_a_blocked_get_which_returns_none() -> None:
+    endpoint = MqttEndpoint.parse(f"mqtt://127.0.0.1:{free_port()}")
+    link = MqttLink(endpoint, "dev-1", backoff=FAST)  # never started: no event can come
+    results: queue.Queue[LinkEvent | None] = queue.Queue()
+    waiting = threading.Thread(target=lambda: results.put(link.get(timeout_s=120)))
+    waiting.start()
+
+    link.nudge()
+
+    waiting.join(timeout=60)
+    assert not waiting.is_alive(), "get() was not woken by nudge()"
+    assert results.get_nowait() is None
+
+
+def wait_received(link: MqttLink, count: int) -> None:
+    """Wait until ``link`` has received ``count`` messages in all (queued, not yet read)."""
+    deadline = time.monotonic() + 10
+    while link.stats.messages_in < count:
+        assert time.monotonic() < deadline, f"{link.client_id} did not receive {count} messages"
+        time.sleep(0.01)
+
+
+def test_nudges_never_come_out_of_get_or_events(mosquitto_url: str, links: list[MqttLink]) -> None:
+    topic = device_topic("dev-1", Channel.EVENTS)
+    hub = connect(links, mosquitto_url, "hub", topic)
+    wait_subscribed(hub, topic)
+    device = connect(links, mosquitto_url, "dev-1")
+    received = hub.stats.messages_in
+
+    hub.nudge()  # first in the inbox, then a message
+    device.publish(topic, b"0", wait_s=5)
+    wait_received(hub, received + 1)
+    assert hub.get(timeout_s=10) is None  # the nudge: None, not the nudge object
+    message = hub.get(timeout_s=10)
+    assert isinstance(message, Message) and message.payload == b"0"
+
+    for payload in (b"1", b"2"):
+        device.publish(topic, payload, wait_s=5)
+    wait_received(hub, received + 3)
+    hub.nudge()  # between the messages
+    device.publish(topic, b"3", wait_s=5)
+    seen: list[LinkEvent] = []
+    for _ in range(2):  # a nudge ends an events() run like an empty inbox: call again
+        seen.extend(hub.events(timeout_s=2.0))
+    assert all(isinstance(event, Message) for event in seen)
+    assert [e.payload for e in seen if isinstance(e, Message)] == [b"1", b"2", b"3"]

@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,68 @@ def test_synthetic_source_from_npz(tmp_path: Path, base: tuple[np.ndarray, np.nd
     np.savez(path, x=x)
     with pytest.raises(SourceError, match="needs arrays 'x' and 'y'"):
         SyntheticSource.from_npz(path)
+
+
+# -- when the next sample is due ---------------------------------------------------------------
+
+
+def test_a_source_that_cannot_tell_when_its_next_sample_comes_has_no_ready_time() -> None:
+    source = StdinSource(io.StringIO("1,2,3,4,5,6\n"), SHAPE, out=io.StringIO())
+    assert source.ready_at() is None  # samples arrive when someone writes them
+    assert source.poll(10) is not None
+    assert source.ready_at() is None
+    source.close()
+
+
+def test_a_paced_source_is_ready_one_period_after_its_last_sample(
+    base: tuple[np.ndarray, np.ndarray],
+) -> None:
+    x, y = base
+    rate_hz = 0.01  # a sample every 100 s: the next one is never due during the test
+    source = SyntheticSource(x, y, rate_hz=rate_hz, count=5)
+    assert source.ready_at() is None  # before the first sample: poll, it is due at once
+
+    before = time.monotonic()
+    assert source.poll(0) is not None
+    after = time.monotonic()
+
+    ready = source.ready_at()
+    assert ready is not None
+    assert before + 1 / rate_hz <= ready <= after + 1 / rate_hz
+    assert ready >= time.monotonic()
+    assert source.poll(0) is None  # not due yet: poll has nothing, and the time stays
+    assert source.ready_at() == ready
+    source.close()
+    assert source.ready_at() is None  # closed: no sample will come
+
+
+def test_a_paced_source_moves_its_ready_time_on_and_drops_it_at_the_end(
+    base: tuple[np.ndarray, np.ndarray],
+) -> None:
+    x, y = base
+    rate_hz = 200.0
+    source = SyntheticSource(x, y, rate_hz=rate_hz, count=2)
+    assert source.poll(10) is not None
+    first = source.ready_at()
+    assert first is not None
+    assert source.poll(10) is not None
+    second = source.ready_at()
+    assert second is not None and second >= first + 1 / rate_hz
+
+    assert source.poll(10) is None  # the third is due, but the count is reached
+    assert source.exhausted
+    assert source.ready_at() is None
+
+
+def test_an_unpaced_source_has_no_ready_time(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text("1,2,3,4,5,6\n" * 3)
+    source = FileSource(path, SHAPE)  # no rate: every poll answers at once
+    assert source.ready_at() is None
+    assert source.poll(0) is not None
+    assert source.ready_at() is None
+    assert len(list(source)) == 2 and source.exhausted
+    assert source.ready_at() is None
 
 
 # -- stdin -------------------------------------------------------------------------------------

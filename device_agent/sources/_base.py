@@ -199,6 +199,12 @@ class Source(ABC):
         """True once no more samples will come (end of input, or closed)."""
         return self._closed.is_set()
 
+    def ready_at(self) -> float | None:
+        """When (``time.monotonic()``) the next sample will be ready, for a source that
+        knows (a paced one); None if it does not, or if it may be ready now: then the
+        caller polls. The agent's loop waits for MQTT events until that time."""
+        return None
+
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
@@ -256,6 +262,12 @@ class PacedSource(Source):
     @abstractmethod
     def _next(self) -> Sample | None:
         """The next sample, or None at the end of the input."""
+
+    def ready_at(self) -> float | None:
+        """When (``time.monotonic()``) :meth:`poll` has the next sample without waiting."""
+        if self.exhausted or not self._period or self._next_due is None:
+            return None
+        return self._next_due
 
     def poll(self, timeout_s: float | None = None) -> Sample | None:
         if self.exhausted:

@@ -86,6 +86,8 @@ class UpdateService:
     AgentError if it cannot; ``health`` tells the champion's model id and runtime errors;
     ``report`` sends a transition as an ``update`` event; ``send_fetch`` publishes one
     ``fetch/req`` payload. ``trust`` (tests) replaces the TUF client built from the settings.
+    ``wake`` is called after a champion swap was queued for the main loop, so a loop waiting
+    for MQTT events or samples takes it at once.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class UpdateService:
         report: Callable[[Transition], None],
         send_fetch: Callable[[bytes], None],
         trust: Callable[[], TrustSource] | None = None,
+        wake: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.hardware = dict(hardware)
@@ -105,6 +108,7 @@ class UpdateService:
         self._health = health
         self._report = report
         self._send_fetch = send_fetch
+        self._wake = wake
         self.fetcher: Any = None
         self.slots = Slots(settings.state_dir / "slots")
         self.updater = Updater(
@@ -194,6 +198,10 @@ class UpdateService:
                 swap.error = exc
             swap.done.set()
 
+    def swap_pending(self) -> bool:
+        """True while a champion swap waits for the main loop's :meth:`pump`."""
+        return not self._swaps.empty()
+
     def slots_report(self) -> dict[str, Any]:
         return self.slots.describe()
 
@@ -214,6 +222,8 @@ class UpdateService:
     def activate(self, bundle_dir: Path | None) -> None:
         swap = _Swap(bundle_dir)
         self._swaps.put(swap)
+        if self._wake is not None:
+            self._wake()  # the main loop may be waiting for MQTT events or samples
         while not swap.done.wait(SWAP_POLL_S):
             if self.updater.stop_event.is_set():
                 raise UpdaterStoppedError("the agent stops")

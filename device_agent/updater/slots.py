@@ -94,6 +94,9 @@ class Slots:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        # card file -> (its stat identity, its model id): a state report every heartbeat
+        # would otherwise parse both cards (test vectors and all) each time
+        self._model_ids: dict[Path, tuple[tuple[int, int, int], str | None]] = {}
 
     @property
     def pointer_file(self) -> Path:
@@ -221,12 +224,26 @@ class Slots:
             card_path = self.dir(slot) / CARD_FILE
             if not card_path.exists():
                 continue
-            try:
-                model_id: str | None = ModelCard.from_json(card_path.read_bytes()).model_id
-            except (OSError, AgentError):
-                model_id = None
-            report[slot] = {"target": pointer.target(slot), "model_id": model_id}
+            report[slot] = {"target": pointer.target(slot), "model_id": self._model_id(card_path)}
         return report
+
+    def _model_id(self, card_path: Path) -> str | None:
+        """The model id of a slot's card, parsed again only when the file changed (every
+        write replaces it: a new inode, size or modification time)."""
+        try:
+            stat = card_path.stat()
+        except OSError:
+            return None
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = self._model_ids.get(card_path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            model_id: str | None = ModelCard.from_json(card_path.read_bytes()).model_id
+        except (OSError, AgentError):
+            model_id = None
+        self._model_ids[card_path] = (key, model_id)
+        return model_id
 
 
 def _digest(path: Path) -> str:

@@ -380,12 +380,14 @@ class Updater:
             self.record, state=state, reason=reason, ts=round(time.time(), 3), **changes
         )
         transition = Transition(state, previous, event, record.target, record.attempt, reason)
+        # in memory before the report: the host re-publishes its state when told, and must
+        # read the new one
+        self.record = record
         try:
             self.host.report(transition)
         except AgentError as exc:
             log.error("update transition not reported: %s", exc)
         atomic_write_json(self.state_file, record.to_dict())
-        self.record = record
         failpoints.check(f"updater.after:{state}")
         log.info(
             "update %s: %s -(%s)-> %s%s",
