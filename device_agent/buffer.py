@@ -44,6 +44,7 @@ from typing import Any
 
 from paho.mqtt.client import MQTTMessageInfo
 
+from device_agent import fsio
 from device_agent.errors import AgentError
 from device_agent.link import MqttLink, acknowledged
 
@@ -228,7 +229,8 @@ class OfflineBuffer:
         db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            # FULL on a device; OFF only where device_agent.fsio.SYNC is off (the simulator)
+            db.execute(f"PRAGMA synchronous={'FULL' if fsio.SYNC else 'OFF'}")
             row = db.execute("PRAGMA quick_check").fetchone()
             if row is None or row[0] != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed: {row}")
