@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlmodel import func, select
+from sqlmodel import Session, func, select
 
 from edgeops.db import Database, metadata
 from edgeops.db.__main__ import main as db_command
@@ -110,6 +111,121 @@ def test_naive_datetimes_are_refused(database: Database) -> None:
         database.session() as session,
     ):
         session.add(Device(device_id="d-1", last_seen=datetime(2025, 3, 1)))
+
+
+# -- batches ------------------------------------------------------------------------------
+
+
+def stored_ids(database: Database) -> list[str]:
+    """The device ids committed, read on a connection of its own outside any session (so
+    never inside the caller's batch, and never seeing what it has not committed)."""
+    with database.engine.connect() as connection:
+        rows = connection.execute(sa.text("SELECT device_id FROM devices ORDER BY device_id"))
+        return [str(device_id) for device_id in rows.scalars()]
+
+
+def count_commits(database: Database) -> list[int]:
+    """The ids of the threads whose connections commit on ``database``, one entry a commit."""
+    commits: list[int] = []
+
+    def on_commit(connection: sa.Connection) -> None:
+        commits.append(threading.get_ident())
+
+    sa.event.listen(database.engine, "commit", on_commit)
+    return commits
+
+
+def test_sessions_inside_a_batch_share_one_transaction_committed_at_its_end(
+    database: Database,
+) -> None:
+    commits = count_commits(database)
+    me = threading.get_ident()
+    with database.batch():
+        with database.session() as first:
+            first.add(Device(device_id="d-1"))
+        with database.session() as second:
+            assert second is first
+            second.add(Device(device_id="d-2"))
+            second.flush()  # in the database, but not committed
+        assert stored_ids(database) == []
+        assert me not in commits
+    assert commits.count(me) == 1
+    assert stored_ids(database) == ["d-1", "d-2"]
+
+
+def test_a_nested_batch_joins_the_outer_one(database: Database) -> None:
+    commits = count_commits(database)
+    me = threading.get_ident()
+    with database.batch():
+        with database.session() as outer:
+            outer.add(Device(device_id="d-1"))
+        with database.batch(), database.session() as inner:
+            assert inner is outer
+            inner.add(Device(device_id="d-2"))
+            inner.flush()
+        assert stored_ids(database) == []  # the inner batch's end commits nothing
+        assert me not in commits
+    assert commits.count(me) == 1
+    assert stored_ids(database) == ["d-1", "d-2"]
+
+
+def test_a_batch_that_raises_rolls_back_everything_written_inside(database: Database) -> None:
+    with database.session() as session:
+        session.add(Device(device_id="d-0"))
+    with pytest.raises(RuntimeError, match="half way"), database.batch():
+        with database.session() as session:
+            session.add(Device(device_id="d-1"))
+            session.flush()
+        with database.session() as session:
+            session.add(Device(device_id="d-2"))
+            session.flush()
+        raise RuntimeError("half way")
+    assert stored_ids(database) == ["d-0"]
+    # the thread is out of the batch: its next session is a transaction of its own
+    with database.session() as session:
+        session.add(Device(device_id="d-3"))
+    assert stored_ids(database) == ["d-0", "d-3"]
+
+
+def test_a_database_error_in_a_batch_rolls_back_the_others_and_propagates(
+    database: Database,
+) -> None:
+    with database.session() as session:
+        session.add(Device(device_id="d-0"))
+    with pytest.raises(sa.exc.IntegrityError), database.batch():
+        with database.session() as session:
+            session.add(Device(device_id="d-1"))
+        with database.session() as session:
+            session.add(Device(device_id="d-0"))  # already stored: the flush fails
+            session.flush()
+    assert stored_ids(database) == ["d-0"]
+
+
+def test_sessions_on_another_thread_are_not_part_of_a_batch(database: Database) -> None:
+    batch: list[Session] = []
+    others: list[tuple[Session, bool]] = []
+
+    def write() -> None:
+        with database.session() as session:
+            others.append((session, batch[0].in_transaction()))
+            session.add(Device(device_id="d-other"))
+
+    writer = threading.Thread(target=write)
+    with pytest.raises(RuntimeError, match="undo"), database.batch():
+        with database.session() as mine:
+            batch.append(mine)
+            mine.add(Device(device_id="d-mine"))
+        writer.start()
+        if database.backend == "postgresql":  # transactions run side by side
+            writer.join(timeout=60)
+            assert stored_ids(database) == ["d-other"]  # committed while the batch is open
+        raise RuntimeError("undo")
+    writer.join(timeout=60)
+    [(session, during_the_batch)] = others
+    assert session is not mine
+    # SQLite: this process's transactions take turns, the writer's waited for the batch
+    assert during_the_batch == (database.backend == "postgresql")
+    assert stored_ids(database) == ["d-other"]  # the batch's rollback did not touch it
 
 
 # -- SQLite -------------------------------------------------------------------------------

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from device_agent.link import MqttEndpoint, MqttLink
-from device_agent.protocol import Channel, Presence, StateReport, device_topic, encode
+from device_agent.protocol import Channel, Event, Presence, StateReport, device_topic, encode
+from device_agent.telemetry import TelemetryWindow
+from edgeops.errors import DatabaseError
 from edgeops.fleet import FleetService
 from edgeops.hub import HubBridge
+from tests.fixtures.mqtt import wait_subscribed
 
 
 @pytest.fixture
@@ -101,3 +106,118 @@ def test_a_late_will_of_an_older_connection_does_not_end_a_newer_one(
     device.publish(device_topic("d-4", Channel.PRESENCE), encode(Presence("d-4", True)), wait_s=5)
     _pump_until(bridge, lambda: len(bridge.fleet.list_devices()) == 2)
     assert bridge.fleet.get_device("d-3").online
+
+
+# -- bursts are recorded in batches -----------------------------------------------------------
+
+
+def telemetry_window(device_id: str, seq: int) -> TelemetryWindow:
+    return TelemetryWindow(
+        device_id,
+        "m-1",
+        seq=seq,
+        start_ts=1000.0 + seq,
+        end_ts=1001.0 + seq,
+        samples=10,
+        class_counts=[4, 6],
+        latency_ms={"p50": 1.0, "p95": 2.0, "p99": 3.0},
+    )
+
+
+def burst(device_id: str) -> list[tuple[str, bytes]]:
+    """What one device reports at once: its state, two events and two telemetry windows."""
+    return [
+        (device_topic(device_id, Channel.STATE), encode(StateReport(device_id, "0.2.0"))),
+        (device_topic(device_id, Channel.EVENTS), encode(Event(device_id, 1, "started", 10.0))),
+        (device_topic(device_id, Channel.EVENTS), encode(Event(device_id, 2, "ready", 11.0))),
+        (device_topic(device_id, Channel.TELEMETRY), encode(telemetry_window(device_id, 1))),
+        (device_topic(device_id, Channel.TELEMETRY), encode(telemetry_window(device_id, 2))),
+    ]
+
+
+def publish_and_wait_queued(
+    bridge: HubBridge, device: MqttLink, messages: list[tuple[str, bytes]]
+) -> None:
+    """Publish ``messages`` and return once the bridge's link has received them all (queued,
+    not yet handled), so one pump finds the whole burst waiting."""
+    wait_subscribed(bridge.link, device_topic("probe-dev", Channel.STATE))
+    before = bridge.link.stats.messages_in
+    for topic, payload in messages:
+        device.publish(topic, payload, wait_s=5)
+    deadline = time.monotonic() + 30
+    while bridge.link.stats.messages_in < before + len(messages):
+        assert time.monotonic() < deadline, "the burst did not reach the bridge"
+        time.sleep(0.02)
+
+
+def commits_on(bridge: HubBridge) -> list[int]:
+    """One entry per commit made by this thread on the bridge's database, from now on."""
+    me = threading.get_ident()
+    commits: list[int] = []
+
+    def on_commit(connection: sa.Connection) -> None:
+        if threading.get_ident() == me:
+            commits.append(me)
+
+    sa.event.listen(bridge.fleet.database.engine, "commit", on_commit)
+    return commits
+
+
+def assert_burst_stored(bridge: HubBridge, device_id: str) -> None:
+    assert bridge.fleet.get_device(device_id).agent_version == "0.2.0"
+    events = bridge.fleet.list_events(device_id)
+    assert [(e.seq, e.event) for e in events] == [(1, "started"), (2, "ready")]
+    assert [w.seq for w in bridge.telemetry.list_windows(device_id)] == [1, 2]
+
+
+def test_a_burst_from_several_devices_is_stored_completely_in_few_transactions(
+    bridge: HubBridge, device: MqttLink
+) -> None:
+    devices = ["b-1", "b-2", "b-3", "b-4"]
+    messages = [m for device_id in devices for m in burst(device_id)]
+    publish_and_wait_queued(bridge, device, messages)
+    commits = commits_on(bridge)
+
+    assert bridge.pump(0.5) == len(messages)
+
+    # the burst was waiting: one transaction (two if the last message was still on its way
+    # into the inbox when the pump looked), not one per message
+    assert 1 <= len(commits) <= 2
+    assert [d.device_id for d in bridge.fleet.list_devices()] == devices
+    for device_id in devices:
+        assert_burst_stored(bridge, device_id)
+    assert bridge.store_errors == 0 and not bridge.dispatcher.dropped
+    assert bridge.dispatcher.handled == {"state": 4, "events": 8, "telemetry": 8}
+
+
+def test_when_one_message_fails_the_batch_the_others_are_stored_one_by_one(
+    bridge: HubBridge, device: MqttLink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record_state = bridge.fleet.record_state
+
+    def record_state_failing_for_one_device(report: StateReport) -> bool:
+        if report.device_id == "broken":
+            raise DatabaseError("database test failed: the disk is full")
+        return record_state(report)
+
+    monkeypatch.setattr(bridge.fleet, "record_state", record_state_failing_for_one_device)
+    first, second = burst("f-1"), burst("f-2")
+    messages = [
+        *first,
+        (device_topic("f-1", Channel.TELEMETRY), b"{not json"),  # dropped, once
+        (device_topic("f-1", Channel.TELEMETRY), encode(telemetry_window("f-1", 1))),  # again
+        (device_topic("broken", Channel.STATE), encode(StateReport("broken", "0.2.0"))),
+        *second,
+    ]
+    publish_and_wait_queued(bridge, device, messages)
+
+    assert bridge.pump(0.5) == len(messages)
+
+    assert [d.device_id for d in bridge.fleet.list_devices()] == ["f-1", "f-2"]
+    assert_burst_stored(bridge, "f-1")
+    assert_burst_stored(bridge, "f-2")
+    assert bridge.store_errors == 1  # the one message the database refused
+    # counted once each, though the failed batch had handled them before the replay
+    assert bridge.dispatcher.dropped == {"telemetry": 1}
+    assert bridge.duplicate_windows == 1
+    assert bridge.dispatcher.handled == {"state": 2, "events": 4, "telemetry": 5}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,6 +22,48 @@ from edgeops.errors import DatabaseError
 _MIGRATION_LOCK_KEY = 0x6564_6765_6F70  # "edgeop"
 
 
+class _FairLock:
+    """A reentrant lock granted in the order it was asked for.
+
+    SQLite has one writer at a time and lets the others poll with growing sleeps, so a
+    thread that writes back to back (the hub's bridge, under a fleet's burst of reports) can
+    keep another (the rollout engine) waiting for seconds. Taking turns in this process
+    first makes every transaction wait at most for the ones queued before it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._queue: deque[int] = deque()
+
+    def acquire(self, timeout_s: float) -> bool:
+        me = threading.get_ident()
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            self._queue.append(me)
+            while self._owner is not None or self._queue[0] != me:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._queue.remove(me)
+                    self._cond.notify_all()
+                    return False
+                self._cond.wait(remaining)
+            self._queue.popleft()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+
 class Database:
     """One database, SQLite or PostgreSQL, given by its SQLAlchemy URL.
 
@@ -32,6 +77,9 @@ class Database:
         """The URL as given, password masked: fit for logs and messages."""
         self._url = _engine.parse_url(url)
         self.engine: Engine = _engine.create_engine(self._url, self.display_url)
+        self._local = threading.local()  # .batch: the session of this thread's batch
+        # SQLite: this process's transactions take turns (see _FairLock); PostgreSQL: none
+        self._turns = _FairLock() if self.backend == "sqlite" else None
 
     def __repr__(self) -> str:
         return f"Database({self.display_url!r})"
@@ -101,11 +149,45 @@ class Database:
         Objects stay readable after the block (``expire_on_commit=False``). A lost or
         refused connection surfaces as DatabaseError; other errors pass through unchanged.
         """
+        outer: Session | None = getattr(self._local, "batch", None)
+        if outer is not None:
+            yield outer  # inside :meth:`batch`: its transaction, committed when it ends
+            return
+        turns = self._turns
+        if turns is not None and not turns.acquire(_engine.SQLITE_BUSY_TIMEOUT_MS / 1000.0):
+            raise DatabaseError(
+                f"database {self.display_url} failed: still busy after "
+                f"{_engine.SQLITE_BUSY_TIMEOUT_MS / 1000.0:g} s "
+                "(other transactions of this process)"
+            )
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 yield session
         except sa.exc.OperationalError as exc:
             raise DatabaseError(f"database {self.display_url} failed: {self._cause(exc)}") from exc
+        finally:
+            if turns is not None:
+                turns.release()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One transaction for every :meth:`session` this thread opens inside the block.
+
+        For a writer that records many small things in a row (the hub's bridge): one commit
+        instead of one per message. All or nothing: if the block raises, everything it wrote
+        is rolled back and the exception propagates, so the caller can replay its items one
+        by one; the sessions inside must not catch database errors and go on. Nested
+        batches join the outer one.
+        """
+        if getattr(self._local, "batch", None) is not None:
+            yield
+            return
+        with self.session() as session:
+            self._local.batch = session
+            try:
+                yield
+            finally:
+                self._local.batch = None
 
     def dispose(self) -> None:
         """Close every pooled connection. The object stays usable; it reconnects on demand."""

@@ -56,6 +56,11 @@ class FleetService:
         self._db = db
         self._clock = clock
 
+    @property
+    def database(self) -> Database:
+        """The database the fleet is kept in."""
+        return self._db
+
     def record_state(self, report: StateReport) -> bool:
         """Store ``report`` as the device's reported twin, creating the device if unknown.
 

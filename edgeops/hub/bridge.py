@@ -2,7 +2,8 @@
 to the DB.
 
 The bridge owns one :class:`MqttLink` with the hub's own identity. :meth:`pump` runs on the
-owner's thread, decodes what the link queued and calls the services; malformed payloads are
+owner's thread, decodes what the link queued and calls the services, the messages waiting
+together in one transaction (:meth:`edgeops.db.Database.batch`); malformed payloads are
 counted and dropped by the dispatcher.
 
 The link keeps a persistent session (``clean_session=False``): while the hub is away (its own
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from device_agent.dispatch import Dispatcher
 from device_agent.errors import LinkError
-from device_agent.link import Connected, Disconnected, MqttEndpoint, MqttLink, TlsFiles
+from device_agent.link import Connected, Disconnected, Message, MqttEndpoint, MqttLink, TlsFiles
 from device_agent.protocol import (
     QOS,
     Channel,
@@ -34,6 +36,8 @@ from edgeops.fleet import FleetService
 from edgeops.monitor import TelemetryService
 
 log = logging.getLogger(__name__)
+
+BATCH_MAX = 200  # messages recorded in one transaction at most
 
 
 class HubBridge:
@@ -53,7 +57,7 @@ class HubBridge:
         tls: TlsFiles | None = None,
     ) -> None:
         self.fleet = fleet
-        self.telemetry = telemetry if telemetry is not None else TelemetryService(fleet._db)
+        self.telemetry = telemetry if telemetry is not None else TelemetryService(fleet.database)
         self.link = MqttLink(endpoint, client_id=client_id, tls=tls, clean_session=False)
         self.dispatcher = Dispatcher()
         self.store_errors = 0
@@ -74,24 +78,57 @@ class HubBridge:
             raise BrokerError(str(exc)) from None
 
     def pump(self, timeout_s: float = 0.2) -> int:
-        """Handle queued events for up to ``timeout_s``; returns how many were handled."""
+        """Handle queued events for up to ``timeout_s``; returns how many were handled.
+
+        The messages waiting in the inbox are recorded in batches of up to
+        :data:`BATCH_MAX` in one transaction each (a fleet reporting at once would otherwise
+        cost a commit per message); if a batch fails, its messages are recorded again one
+        by one (every write is idempotent), so one bad message costs only itself.
+        """
         handled = 0
-        for event in self.link.events(timeout_s):
-            handled += 1
-            if isinstance(event, Connected):
-                log.info("hub connected to %s", self.link.endpoint.url)
-            elif isinstance(event, Disconnected):
-                log.warning("hub disconnected from broker (%s); reconnecting", event.reason)
-            else:
-                try:
-                    self.dispatcher.dispatch(event)
-                except DatabaseError as exc:
-                    # the database is down: this delivery is lost; agents re-publish their
-                    # state every heartbeat, and retained messages come again on reconnect;
-                    # a telemetry window is lost (QoS 1 was acknowledged on receipt)
-                    self.store_errors += 1
-                    log.error("could not record message on %s: %s", event.topic, exc)
-        return handled
+        deadline = time.monotonic() + timeout_s
+        while True:
+            first = self.link.get(timeout_s=max(0.0, deadline - time.monotonic()))
+            if first is None:
+                return handled
+            batch = [first]
+            while len(batch) < BATCH_MAX and (event := self.link.get(timeout_s=0)) is not None:
+                batch.append(event)
+            handled += len(batch)
+            messages: list[Message] = []
+            for event in batch:
+                if isinstance(event, Connected):
+                    log.info("hub connected to %s", self.link.endpoint.url)
+                elif isinstance(event, Disconnected):
+                    log.warning("hub disconnected from broker (%s); reconnecting", event.reason)
+                else:
+                    messages.append(event)
+            self._record(messages)
+
+    def _record(self, messages: list[Message]) -> None:
+        if len(messages) > 1:
+            dispatcher = self.dispatcher
+            counts = (dispatcher.dropped.copy(), dispatcher.handled.copy())
+            duplicates = (self.duplicate_windows, self.duplicate_events)
+            try:
+                with self.fleet.database.batch():
+                    for message in messages:
+                        self.dispatcher.dispatch(message)
+                return
+            except Exception as exc:  # noqa: BLE001 - replayed one by one below, which raises again
+                log.debug("batch of %d messages failed (%s); one by one", len(messages), exc)
+                # the replay counts every message again: forget what the batch counted
+                dispatcher.dropped, dispatcher.handled = counts
+                self.duplicate_windows, self.duplicate_events = duplicates
+        for message in messages:
+            try:
+                self.dispatcher.dispatch(message)
+            except DatabaseError as exc:
+                # the database is down: this delivery is lost; agents re-publish their
+                # state every heartbeat, and retained messages come again on reconnect;
+                # a telemetry window is lost (QoS 1 was acknowledged on receipt)
+                self.store_errors += 1
+                log.error("could not record message on %s: %s", message.topic, exc)
 
     def run(self, stop: threading.Event) -> None:
         """Pump until ``stop`` is set (for a background thread)."""
