@@ -267,8 +267,14 @@ def test_soak_holds_the_next_wave_back(setup: Any) -> None:
     engine.tick()
     assert len(recorder.published) == 2 and engine.status(rollout_id)["current_wave"] == 0
     clock.advance(1)
-    engine.tick()  # soak over: promoted, and the next wave's first batch targeted
+    engine.tick()  # soak over: promoted, and the next wave's first device targeted at once
     assert engine.status(rollout_id)["current_wave"] == 1
+    assert len(recorder.published) == 3
+    clock.advance(29)
+    engine.tick()  # 2 a minute, evenly: the second one 30 s after the first
+    assert len(recorder.published) == 3
+    clock.advance(1)
+    engine.tick()
     assert len(recorder.published) == 4
 
 
@@ -454,7 +460,7 @@ def test_pause_resume_and_abort(setup: Any) -> None:
     engine.tick()  # outcomes read, no timeouts: the pause did not count
     status = engine.status(rollout_id)
     assert status["counts"]["succeeded"] == 2 and status["current_wave"] == 1
-    assert engine.abort(rollout_id, "enough") == 4  # the canary and wave 1's batch
+    assert engine.abort(rollout_id, "enough") == 3  # the canary and wave 1's first device
     status = engine.status(rollout_id)
     assert status["status"] == "aborted" and status["reason"] == "enough"
     for device_id in {d for d, _ in recorder.published}:

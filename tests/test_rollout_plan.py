@@ -228,12 +228,14 @@ def test_rate_increase_criteria_hold_the_rate_until_met() -> None:
     waves = schedule(rollout, [f"d{i:03d}" for i in range(200)])
     assert [(w.rate_per_minute, w.minutes, w.start_minute) for w in waves] == [
         (None, (5,), 0),
-        (10, (10, 10, 10), 1),  # 30 notified >= 25: the rate grows
-        (15, (15, 15), 4),
-        (22, (22, 22), 6),  # 10 * 1.5**2 = 22.5 -> 22 a minute
-        (33, (33,), 8),
-        (50, (50,), 9),
-        (75, (8,), 10),  # the last 8
+        (10, (10, 10, 5), 1),  # the 25th device meets the criteria: the rate grows at once
+        (15, (15, 10), 4),
+        (22, (22, 3), 6),  # 10 * 1.5**2 = 22.5 -> 22 a minute
+        (33, (25,), 8),
+        (50, (25,), 9),
+        (75, (25,), 10),
+        (113, (25,), 11),
+        (170, (20,), 12),  # the last 20
     ]
     assert sum(w.size for w in waves) == 200
 

@@ -121,8 +121,8 @@ def test_a_spec_is_immutable() -> None:
 # -- AWS IoT Jobs ranges ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rate", [1, 1000])
-def test_rate_per_minute_accepts_the_aws_edges(rate: int) -> None:
+@pytest.mark.parametrize("rate", [1, 1000, 60_000])
+def test_rate_per_minute_accepts_the_aws_edges_and_beyond(rate: int) -> None:
     document = with_change("waves.exponential.base_rate_per_minute", rate)
     document = with_change("waves.exponential.max_rate_per_minute", rate, document)
     spec = parse_spec(json.dumps(document), "json")
@@ -131,10 +131,10 @@ def test_rate_per_minute_accepts_the_aws_edges(rate: int) -> None:
 
 
 @pytest.mark.parametrize("field", ["base_rate_per_minute", "max_rate_per_minute"])
-@pytest.mark.parametrize("rate", [0, 1001, -5])
-def test_rate_per_minute_is_refused_outside_1_to_1000(field: str, rate: int) -> None:
+@pytest.mark.parametrize("rate", [0, 60_001, -5])
+def test_rate_per_minute_is_refused_outside_1_to_60000(field: str, rate: int) -> None:
     error = refused(with_change(f"waves.exponential.{field}", rate))
-    assert str(error) == f"waves.exponential.{field}: must be between 1 and 1000"
+    assert str(error) == f"waves.exponential.{field}: must be between 1 and 60000"
     assert error.field == f"waves.exponential.{field}"
 
 

@@ -9,7 +9,8 @@
 
 What :meth:`RolloutEngine.tick` does for every running rollout, each step one transaction:
 
-1. **target** the current wave's devices that are due (the plan's per-minute batches, the
+1. **target** the current wave's devices that are due (the canary at once; an exponential
+   wave at its rate, evenly: device *i* ``60 * i / rate`` seconds after the wave started, the
    first at once): remember each one's desired release, newest event seq and newest
    telemetry seq, then set ``desired.release`` through :class:`FleetService` and publish;
 2. **follow** the targeted devices' ``update`` events newer than the remembered seq and
@@ -421,9 +422,7 @@ class RolloutEngine:
         members = sorted((d for d in devices if d.wave == index), key=lambda d: d.position)
         # 1. target the due devices
         started = record.wave_started_at or now
-        minutes = [int(m) for m in wave["minutes"]]
-        elapsed = max(0, math.floor((now - started).total_seconds() / 60.0))
-        allowed = sum(minutes[: elapsed + 1])
+        allowed = _due_count(wave, max(0.0, (now - started).total_seconds()))
         due = [d.device_id for d in members if d.status == "pending" and d.position < allowed]
         if due:
             self._target(record, due, now, first=record.wave_started_at is None)
@@ -778,6 +777,16 @@ _DEVICE_ORDER = (
     "rolled_back",
     "excluded",
 )
+
+
+def _due_count(wave: Mapping[str, Any], elapsed_s: float) -> int:
+    """How many of ``wave``'s devices are due ``elapsed_s`` after it started: all of a wave
+    without a rate (the canary); else one every ``60 / rate`` seconds, the first at once."""
+    size = sum(int(m) for m in wave["minutes"])
+    rate = wave.get("rate_per_minute")
+    if rate is None:
+        return size
+    return min(size, math.floor(elapsed_s * int(rate) / 60.0 + 1e-9) + 1)
 
 
 def _failure_type(device: RolloutDeviceRecord) -> str | None:

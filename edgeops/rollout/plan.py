@@ -14,10 +14,13 @@ reads no database, repository or clock. Three steps:
    and one already running the release is left out as ``current``;
 3. **schedule** the compatible devices (sorted by id, then shuffled with ``spec.seed`` if
    set): the canary, then exponential waves. Wave *k* notifies ``rate_k`` devices a minute
-   until its rate-increase criteria are met (planned as if every device succeeds), then
-   ``rate_{k+1} = min(rate_k * increment_factor, max_rate_per_minute)``; a minute notifies
-   ``floor(rate)`` devices. Minutes count from the canary (minute 0) and leave out the soak
-   windows and gate checks between waves, which the live engine adds.
+   until its rate-increase criteria are met (planned as if every device succeeds: the wave
+   ends with the device that meets them, mid-minute if need be, as AWS IoT Jobs raises the
+   rate at once), then ``rate_{k+1} = min(rate_k * increment_factor,
+   max_rate_per_minute)``; a minute notifies ``floor(rate)`` devices, evenly over the minute
+   (the live engine targets device *i* of a wave ``60 * i / rate`` seconds after the wave
+   started). Minutes count from the canary (minute 0) and leave out the soak windows and
+   gate checks between waves, which the live engine adds.
 
 What a device reports that cannot be read (an agent version that is no version, hardware
 that is not strings) excludes that device, with the reason; it never stops the plan.
@@ -413,7 +416,7 @@ def schedule(spec: RolloutSpec, device_ids: Sequence[str]) -> list[Wave]:
         start, start_minute = position, minute
         notified = 0
         while position < total and notified < threshold:
-            count = min(per_minute, total - position)
+            count = min(per_minute, total - position, threshold - notified)
             minutes.append(count)
             position += count
             notified += count

@@ -10,9 +10,9 @@ and when to stop.
     waves:
       canary: {percent: 1.0}                      # or {count: 10}
       exponential:
-        base_rate_per_minute: 10                  # 1..1000 (AWS IoT Jobs' range)
+        base_rate_per_minute: 10                  # 1..60000 (AWS IoT Jobs: 1..1000)
         increment_factor: 2.0                     # 1.1..5.0 (AWS IoT Jobs' range)
-        max_rate_per_minute: 1000                 # 1..1000
+        max_rate_per_minute: 1000                 # 1..60000, default 1000 (AWS's most)
         rate_increase_criteria: {notified: 20}    # or {succeeded: 20}; none: every minute
       success: {min_success_percent: 95.0}
       abort: {min_devices: 10, failure_percent: 10.0, failure_count: null,
@@ -65,6 +65,7 @@ from edgeops.errors import ConfigError
 __all__ = [
     "AWS_MAX_RATE_PER_MINUTE",
     "AWS_MIN_INCREMENT_FACTOR",
+    "MAX_RATE_PER_MINUTE",
     "AbortCondition",
     "Canary",
     "Divergence",
@@ -82,7 +83,8 @@ __all__ = [
     "parse_spec",
 ]
 
-AWS_MAX_RATE_PER_MINUTE = 1000
+AWS_MAX_RATE_PER_MINUTE = 1000  # the default most: AWS IoT Jobs' limit
+MAX_RATE_PER_MINUTE = 60_000  # a device every millisecond; AWS IoT Jobs stops at 1,000
 AWS_MIN_INCREMENT_FACTOR = 1.1
 AWS_MAX_INCREMENT_FACTOR = 5.0
 MAX_DEVICE_TIMEOUT_S = 7 * 24 * 3600  # AWS IoT Jobs' longest in-progress timeout: 7 days
@@ -135,7 +137,7 @@ def _at_least(low: int) -> Callable[[int], int]:
 PositiveInt = Annotated[StrictInt, AfterValidator(_at_least(1))]
 Percent = Annotated[StrictFloat, AfterValidator(_between(0.0, 100.0, low_open=True))]
 Rate = Annotated[StrictFloat, AfterValidator(_between(0.0, 1.0))]
-PerMinute = Annotated[StrictInt, AfterValidator(_between(1, AWS_MAX_RATE_PER_MINUTE))]
+PerMinute = Annotated[StrictInt, AfterValidator(_between(1, MAX_RATE_PER_MINUTE))]
 Factor = Annotated[
     StrictFloat, AfterValidator(_between(AWS_MIN_INCREMENT_FACTOR, AWS_MAX_INCREMENT_FACTOR))
 ]
@@ -285,8 +287,9 @@ class RateIncreaseCriteria(_Model):
 
 
 class Exponential(_Model):
-    """After the canary: ``base_rate_per_minute`` devices a minute, multiplied by
-    ``increment_factor`` each time the criteria are met, never above ``max_rate_per_minute``."""
+    """After the canary: ``base_rate_per_minute`` devices a minute, notified evenly (one
+    every ``60 / rate`` seconds), the rate multiplied by ``increment_factor`` each time the
+    criteria are met, never above ``max_rate_per_minute``."""
 
     base_rate_per_minute: PerMinute
     increment_factor: Factor
