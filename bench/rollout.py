@@ -17,19 +17,22 @@ Setup, all real and on this machine, fresh for every run (broker, hub database, 
 - the release repository (:class:`edgeops.trust.TrustRepository`) with two digits MLPs
   (trained one epoch each here, compressed to full int8: about 12 KB), version 2's
   contract allowing only ``arch=x86_64``;
-- ``N`` devices from :mod:`edgeops.fleet.simulator`: the real ``device_agent`` code, one
-  thread and one MQTT connection per device, in worker processes (CPU count, or one per 125
-  devices if that is more: ``--processes``), booting 50 a second per worker, 90 %
-  ``arch=x86_64`` and 10 % ``arch=armv7l``, each fed 0.2 samples/s (``--rate-hz``) by a
-  synthetic source, telemetry windows of 60 s, the agent loop's sample budget raised to 1 s
-  (``--budget-s``; the agent's own 50 ms would keep 1,000 idle agents busier than 2 cores).
+- ``N`` devices from :mod:`edgeops.fleet.simulator`: the real ``device_agent`` code, its
+  own MQTT connection per device, in worker processes (CPU count, or one per 125 devices if
+  that is more: ``--processes``), booting 50 a second per worker, 90 % ``arch=x86_64`` and
+  10 % ``arch=armv7l``, each fed 0.2 samples/s (``--rate-hz``) by a synthetic source,
+  telemetry windows of 60 s, the agent loop's sample budget raised to 5 s (``--budget-s``:
+  how long an idle loop sleeps when nothing wakes it; MQTT events and the updater wake it at
+  once), and the simulator's other per-process settings (see its module docstring).
 
-Rollout: a rollout spec (1 % canary, then exponential waves: base rate 100/min, factor 2, at
-most 1,000/min, so waves of 100, 200, 400, ...; no quality gate, so no soak window) carried
+Rollout: a rollout spec (1 % canary, then exponential waves: base rate 3,000/min, factor 2,
+at most 24,000/min, the rate raised each time 250 more devices were notified, so waves of
+250 devices at 50, 100, 200 and 400 a second; no quality gate, so no soak window) carried
 out by the live :class:`edgeops.rollout.engine.RolloutEngine` (``--driver engine``, the
 default): it plans (selection, contract pre-check: the armv7l devices are excluded and
-listed), publishes each wave's desired release and follows the devices' ``update`` events,
-ticked every 0.5 s. ``--driver deploy`` instead carries the planner's waves out through
+listed), targets each wave's devices at its rate, follows the devices' ``update`` events
+and starts the next wave when every device of the previous one finished, ticked every 0.5
+s. ``--driver deploy`` instead carries the planner's waves out through
 :func:`edgeops.fleet.deploy.apply_deploy`, each wave published at once and the next one
 started when every device of the previous one finished (the wave's abort condition checked).
 Baseline: the same fleet (fresh) gets the same release in one ``apply_deploy``.
@@ -76,9 +79,10 @@ release: {release}
 waves:
   canary: {{percent: 1}}
   exponential:
-    base_rate_per_minute: 100
+    base_rate_per_minute: 3000
     increment_factor: 2.0
-    max_rate_per_minute: 1000
+    max_rate_per_minute: 24000
+    rate_increase_criteria: {{notified: 250}}
   abort: {{min_devices: 5, failure_percent: 20}}
 device_timeout_seconds: 300
 """
@@ -336,6 +340,7 @@ def run_once(
         started = time.perf_counter()
         cpu_started, hub_cpu_started = _cpu_seconds(sim.worker_pids), time.process_time()
         wave_times: list[float] = []
+        tick_times: list[float] = []
         aborted = None
         engine_status: dict[str, Any] | None = None
         if mode == "waves" and args.driver == "engine":
@@ -344,10 +349,17 @@ def run_once(
             engine = RolloutEngine(database, publisher, repository=repository)
             rollout_id = engine.create(spec)
             deadline = time.perf_counter() + ROLLOUT_TIMEOUT_S
+            wave_started, current_wave = started, 0
             while True:
+                tick_started = time.perf_counter()
                 engine.tick()
+                tick_times.append(time.perf_counter() - tick_started)
                 engine_status = engine.status(rollout_id)
+                if engine_status["current_wave"] != current_wave:  # a wave passed
+                    wave_times.append(time.perf_counter() - wave_started)
+                    wave_started, current_wave = time.perf_counter(), engine_status["current_wave"]
                 if engine_status["status"] != "running":
+                    wave_times.append(time.perf_counter() - wave_started)
                     break
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"the rollout still runs: {engine_status['counts']}")
@@ -412,6 +424,7 @@ def run_once(
             wall_s=wall,
             devices_per_minute=len(compatible) / wall * 60.0,
             wave_s=wave_times,
+            engine_tick_s=sorted(tick_times),
             aborted=aborted,
             driver=args.driver if mode == "waves" else "deploy",
             engine=engine_status,
@@ -488,12 +501,13 @@ def markdown(document: dict[str, Any]) -> str:
         f"{meta['when']}, {meta['machine']}, {meta['cores']} cores, Python {meta['python']}. "
         f"`{meta['command']}` ({meta['seconds']:.0f} s in all).",
         "",
-        "Each device: the real agent (one thread, its own MQTT connection with its own "
+        "Each device: the real agent (its own MQTT connection with its own "
         "credentials on Mosquitto from `deploy/mosquitto/secure.conf`), a "
         f"{document['model_bytes']:,}-byte int8 model, TUF-verified download over MQTT, "
         f"A/B slots, a {document['health_s']:g} s health check before the commit. "
         f"{INCOMPATIBLE_SHARE:.0%} of the devices are armv7l, which the new release's "
-        "contract excludes. *waves*: canary 1 %, then exponential waves (100, 200, 400, ...) "
+        "contract excludes. *waves*: canary 1 %, then exponential waves of 250 devices at "
+        "50, 100, 200, 400 a second "
         f"through {driver} (no quality gate, so no soak window). *all at once* (baseline): "
         "the same release to every compatible device in one `apply_deploy`, fresh fleet.",
         "",
@@ -522,6 +536,11 @@ def markdown(document: dict[str, Any]) -> str:
             kinds[item["kind"]] = kinds.get(item["kind"], 0) + 1
         sample = row["excluded"][0]["reason"] if row["excluded"] else "-"
         lines.append(f"- {row['devices']:,} devices: {kinds}; e.g. {sample}")
+    lines += ["", "Seconds each wave took, from its first device targeted to the next wave's:", ""]
+    for row in document["runs"]:
+        if row["mode"] == "waves" and row["wave_s"]:
+            waves_s = ", ".join(f"{w:.1f}" for w in row["wave_s"])
+            lines.append(f"- {row['devices']:,} devices: {waves_s}")
     lines += [
         "",
         "Where the time goes (medians of the hub's recorded `update` events, seconds; CPU "
@@ -575,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rate-hz", type=float, default=0.2, help="samples/s per device")
     parser.add_argument(
-        "--budget-s", type=float, default=1.0, help="agent loop's sample budget (s)"
+        "--budget-s", type=float, default=5.0, help="agent loop's sample budget (s)"
     )
     parser.add_argument("--health-s", type=float, default=2.0, help="agent health check (s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

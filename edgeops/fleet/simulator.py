@@ -24,9 +24,19 @@ Faults, assigned by fraction with a seed (exact counts, each device at most one 
 =========================  ====================================================================
 
 Cost: the agents share nothing but the process (each loads its own interpreter, a small
-int8 model is about 0.6 MiB of RSS per agent); to keep 1,000 of them on two cores, each
-worker raises the agent loop's sample budget (``SimSetup.sample_budget_s``, 0.25 s instead
-of 50 ms: an idle agent turns 4 times a second, and an MQTT event waits at most that long).
+int8 model is about 0.6 MiB of RSS per agent). To keep 1,000 of them on two cores, each
+worker changes three things for its own process only:
+
+* the agent loop's sample budget (``SimSetup.sample_budget_s``, 0.25 s instead of 50 ms): an
+  idle agent with a slow source wakes less often; MQTT events still wake it at once;
+* the interpreter's thread switch interval (``switch_interval_s``, 20 ms instead of 5 ms):
+  hundreds of agent threads would otherwise spend the cores handing the GIL around;
+* no fsync (``fsync=False``, :data:`device_agent.fsio.SYNC`): the simulated devices' flash is
+  one disk here, whose journal would serialize every device's fsyncs as no real fleet's are.
+  Writes stay atomic (temp file + rename); the power-cut tests check durability with fsync.
+
+paho's ``select()`` cannot watch descriptors above 1,023, and each agent holds a few (its
+socket, paho's wake-up pair, its offline buffer), so keep a worker below about 140 agents.
 
 Each worker reports a :class:`DeviceStatus` per agent every ``status_interval_s``;
 :class:`FleetSimulator` keeps the newest and sums them (:meth:`FleetSimulator.summary`).
@@ -47,6 +57,7 @@ import os
 import queue
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -126,6 +137,8 @@ class SimSetup:
     status_interval_s: float = 1.0
     sample_budget_s: float | None = 0.25
     start_interval_s: float = 0.02
+    switch_interval_s: float | None = 0.02
+    fsync: bool = False
     log_level: int = logging.WARNING
 
 
@@ -541,6 +554,15 @@ def _worker(
     logging.basicConfig(level=setup.log_level, format="%(asctime)s %(name)s %(message)s")
     base = _champion_model_id(setup.champion)
     _agent_classes()  # import once, before the threads race for it
+    if not setup.fsync:
+        import device_agent.fsio
+
+        # the simulated devices' flash is this one disk: see device_agent.fsio
+        device_agent.fsio.SYNC = False
+    if setup.switch_interval_s is not None:
+        # hundreds of agent threads share this interpreter: handing the GIL over every
+        # 5 ms (Python's default) spends the cores on context switches, not on the agents
+        sys.setswitchinterval(setup.switch_interval_s)
     if setup.sample_budget_s is not None:
         import device_agent.daemon
 
