@@ -72,12 +72,17 @@ from device_agent.shadow import ChallengerError as ChallengerError  # re-exporte
 from device_agent.sources import Sample, Source, open_source, reply_document
 from device_agent.telemetry import WindowAggregator
 from device_agent.updater.contract import installed_runtimes
+from device_agent.updater.machine import UpdateState
 from device_agent.updater.service import UpdateService
 from device_agent.updater.updater import ChampionHealth, Transition
 
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 5.0
+# update states after which the retained state report is published again (see _report_update)
+_STATE_REPORTED = frozenset(
+    {UpdateState.TESTING, UpdateState.COMMITTED, UpdateState.ROLLED_BACK, UpdateState.IDLE}
+)
 SAMPLE_BUDGET_S = 0.05  # samples run per loop turn before link events are looked at again
 ANSWERING_SOURCES = frozenset({"http", "mqtt", "stdin"})  # someone waits for each sample
 DROP_EVENT_INTERVAL_S = 60.0  # at most one "buffer_dropped" event per interval
@@ -331,10 +336,13 @@ class AgentDaemon:
         )
 
     def _report_update(self, transition: Transition) -> None:
-        """An updater transition (worker thread): an ``update`` event, and a state re-publish."""
+        """An updater transition (worker thread): an ``update`` event, and a state re-publish
+        where the report changes beyond the update state (which the event carries): the slots
+        after the switch (``testing``), the commit, the rollback, the return to ``idle``."""
         self._event("update", **transition.detail())
-        self._state_changed.set()
-        self.link.nudge()  # the main loop sends both now, not when it next wakes
+        if transition.state in _STATE_REPORTED:
+            self._state_changed.set()
+        self.link.nudge()  # the main loop sends them now, not when it next wakes
 
     def _deliver_fetch(self, payload: bytes) -> None:
         """A ``fetch/res`` frame (binary, not a JSON document), on the link's network thread:

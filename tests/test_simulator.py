@@ -9,9 +9,7 @@ No timed assertions: every wait is for a state, with a generous limit.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from edgeops.fleet.simulator import (
     release_bundle,
     samples_for,
 )
+from tests.fixtures.fleet import FleetHub, open_fleet_hub
 from tests.fixtures.trust import ReleaseModels, wait_for
 
 pytestmark = pytest.mark.mosquitto
@@ -56,61 +55,15 @@ def test_hardware_mix_and_faults_are_exact_and_seeded() -> None:
         assign_faults(["a"], {"explode": 0.5})
 
 
-@dataclass
-class Hub:
-    repository: Any
-    fleet: Any
-    bridge: Any
-    server: Any
-    old: str
-    new: str
-    workdir: Path
-    factory: Any
-
-
 @pytest.fixture
-def hub(tmp_path: Path, mosquitto: Any, release_models: ReleaseModels) -> Iterator[Hub]:
-    from device_agent.link import MqttEndpoint
-    from edgeops.db import Database
-    from edgeops.fleet import FleetService
-    from edgeops.hub import HubBridge
-    from edgeops.trust import FetchServer, TrustRepository, release_model
-
-    factory = release_models.factory
-    repository = TrustRepository(tmp_path / "trust")
-    repository.init(tmp_path / "offline-root-keys")
-    old = release_model(
-        repository, release_models.old_ref, registry=factory.registry, datasets=factory.datasets
-    )
-    new = release_model(
-        repository,
-        release_models.new_ref,
-        registry=factory.registry,
-        datasets=factory.datasets,
-        hardware={"arch": ["x86_64"]},
-    )
-    database = Database(f"sqlite:///{tmp_path / 'hub.db'}")
-    database.upgrade()
-    fleet = FleetService(database)
-    endpoint = MqttEndpoint.parse(mosquitto.url)
-    bridge = HubBridge(endpoint, fleet, client_id="sim-hub")
-    bridge.start()
-    stop = threading.Event()
-    pump = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
-    pump.start()
-    server = FetchServer(repository.repository_dir, endpoint, client_id="sim-hub-fetch")
-    server.start()
-    try:
-        yield Hub(repository, fleet, bridge, server, old.path, new.path, tmp_path, factory)
-    finally:
-        server.stop()
-        stop.set()
-        pump.join(10)
-        bridge.stop()
-        database.dispose()
+def hub(tmp_path: Path, mosquitto: Any, release_models: ReleaseModels) -> Iterator[FleetHub]:
+    with open_fleet_hub(
+        tmp_path, mosquitto.url, release_models, new_hardware={"arch": ["x86_64"]}
+    ) as fleet_hub:
+        yield fleet_hub
 
 
-def test_small_fleet_rolls_onto_a_release_with_faults(hub: Hub, mosquitto: Any) -> None:
+def test_small_fleet_rolls_onto_a_release_with_faults(hub: FleetHub, mosquitto: Any) -> None:
     from edgeops.fleet.deploy import apply_deploy, plan_deploy
     from edgeops.hub import DesiredPublisher
     from edgeops.rollout import parse_spec, plan_rollout, release_contract

@@ -37,7 +37,7 @@ from edgeops.monitor import TelemetryService
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX = 200  # messages recorded in one transaction at most
+BATCH_MAX = 50  # messages recorded in one transaction at most (others wait their turn)
 
 
 class HubBridge:
