@@ -26,8 +26,8 @@ Setup, all real and on this machine, fresh for every run (broker, hub database, 
   once), and the simulator's other per-process settings (see its module docstring).
 
 Rollout: a rollout spec (1 % canary, then exponential waves: base rate 3,000/min, factor 2,
-at most 24,000/min, the rate raised each time 250 more devices were notified, so waves of
-250 devices at 50, 100, 200 and 400 a second; no quality gate, so no soak window) carried
+at most 24,000/min, the rate raised each time 300 more devices were notified, so waves of
+up to 300 devices at 50, 100, 200, ... a second; no quality gate, so no soak window) carried
 out by the live :class:`edgeops.rollout.engine.RolloutEngine` (``--driver engine``, the
 default): it plans (selection, contract pre-check: the armv7l devices are excluded and
 listed), targets each wave's devices at its rate, follows the devices' ``update`` events
@@ -82,7 +82,7 @@ waves:
     base_rate_per_minute: 3000
     increment_factor: 2.0
     max_rate_per_minute: 24000
-    rate_increase_criteria: {{notified: 250}}
+    rate_increase_criteria: {{notified: 300}}
   abort: {{min_devices: 5, failure_percent: 20}}
 device_timeout_seconds: 300
 """
@@ -506,8 +506,8 @@ def markdown(document: dict[str, Any]) -> str:
         f"{document['model_bytes']:,}-byte int8 model, TUF-verified download over MQTT, "
         f"A/B slots, a {document['health_s']:g} s health check before the commit. "
         f"{INCOMPATIBLE_SHARE:.0%} of the devices are armv7l, which the new release's "
-        "contract excludes. *waves*: canary 1 %, then exponential waves of 250 devices at "
-        "50, 100, 200, 400 a second "
+        "contract excludes. *waves*: canary 1 %, then exponential waves of up to 300 "
+        "devices at 50, 100, 200, ... a second "
         f"through {driver} (no quality gate, so no soak window). *all at once* (baseline): "
         "the same release to every compatible device in one `apply_deploy`, fresh fleet.",
         "",
