@@ -355,11 +355,13 @@ def run_once(
                 engine.tick()
                 tick_times.append(time.perf_counter() - tick_started)
                 engine_status = engine.status(rollout_id)
-                if engine_status["current_wave"] != current_wave:  # a wave passed
+                passed = engine_status["current_wave"] != current_wave
+                if passed:  # a wave passed
                     wave_times.append(time.perf_counter() - wave_started)
                     wave_started, current_wave = time.perf_counter(), engine_status["current_wave"]
                 if engine_status["status"] != "running":
-                    wave_times.append(time.perf_counter() - wave_started)
+                    if not passed:  # the last wave ended with the rollout
+                        wave_times.append(time.perf_counter() - wave_started)
                     break
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"the rollout still runs: {engine_status['counts']}")

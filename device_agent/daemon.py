@@ -337,8 +337,9 @@ class AgentDaemon:
 
     def _report_update(self, transition: Transition) -> None:
         """An updater transition (worker thread): an ``update`` event, and a state re-publish
-        where the report changes beyond the update state (which the event carries): the slots
-        after the switch (``testing``), the commit, the rollback, the return to ``idle``."""
+        where the update ends (``committed``, ``rolled_back``, ``idle``) or starts its test
+        (``testing``); the steps in between reach the hub as the events, which carry the
+        update state, and the champion swap re-publishes the slots it changed."""
         self._event("update", **transition.detail())
         if transition.state in _STATE_REPORTED:
             self._state_changed.set()
@@ -399,8 +400,13 @@ class AgentDaemon:
         self._heartbeat()
 
     def _owes_work(self) -> bool:
-        """A state change to publish, a champion swap to make or a stop to carry out."""
-        return self._state_changed.is_set() or self.updates.swap_pending() or self._stop.is_set()
+        """A state change to publish (while connected: offline it waits for the connection,
+        whose event wakes the loop), a champion swap to make or a stop to carry out."""
+        return (
+            (self._state_changed.is_set() and self.link.connected)
+            or self.updates.swap_pending()
+            or self._stop.is_set()
+        )
 
     def _run_samples(self, source: Source, budget_s: float) -> int:
         """Poll ``source`` and run its samples for up to ``budget_s``; how many ran."""

@@ -190,14 +190,22 @@ def test_a_burst_from_several_devices_is_stored_completely_in_few_transactions(
     assert bridge.dispatcher.handled == {"state": 4, "events": 8, "telemetry": 8}
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        DatabaseError("database test failed: the disk is full"),
+        sa.exc.IntegrityError("INSERT INTO devices ...", {}, Exception("refused")),
+    ],
+    ids=["database-error", "integrity-error"],
+)
 def test_when_one_message_fails_the_batch_the_others_are_stored_one_by_one(
-    bridge: HubBridge, device: MqttLink, monkeypatch: pytest.MonkeyPatch
+    bridge: HubBridge, device: MqttLink, monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
     record_state = bridge.fleet.record_state
 
     def record_state_failing_for_one_device(report: StateReport) -> bool:
         if report.device_id == "broken":
-            raise DatabaseError("database test failed: the disk is full")
+            raise failure
         return record_state(report)
 
     monkeypatch.setattr(bridge.fleet, "record_state", record_state_failing_for_one_device)

@@ -130,6 +130,17 @@ def test_rate_per_minute_accepts_the_aws_edges_and_beyond(rate: int) -> None:
     assert spec.waves.exponential.max_rate_per_minute == rate
 
 
+def test_the_maximum_rate_defaults_to_1000_or_a_higher_base_rate() -> None:
+    document = with_change("waves.exponential.base_rate_per_minute", 3000)
+    document["waves"]["exponential"].pop("max_rate_per_minute", None)
+    spec = parse_spec(json.dumps(document), "json")
+    assert spec.waves.exponential.max_rate_per_minute == 3000
+    assert parse_spec(dump_spec(spec, "json"), "json") == spec
+    document = with_change("waves.exponential.base_rate_per_minute", 10)
+    document["waves"]["exponential"].pop("max_rate_per_minute", None)
+    assert parse_spec(json.dumps(document), "json").waves.exponential.max_rate_per_minute == 1000
+
+
 @pytest.mark.parametrize("field", ["base_rate_per_minute", "max_rate_per_minute"])
 @pytest.mark.parametrize("rate", [0, 60_001, -5])
 def test_rate_per_minute_is_refused_outside_1_to_60000(field: str, rate: int) -> None:

@@ -44,7 +44,7 @@ from typing import IO
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
-from device_agent import failpoints
+from device_agent import failpoints, fsio
 from device_agent.fsio import make_dir
 
 __all__ = [
@@ -237,7 +237,8 @@ class ResumableFetcher(FetcherInterface):
                     for data in self._checked(url, offset, max_length):
                         handle.write(data)
                         handle.flush()
-                        os.fsync(handle.fileno())
+                        if fsio.SYNC:
+                            os.fsync(handle.fileno())
                         self._target_written(len(data))
                 except (tuf_exceptions.DownloadLengthMismatchError, FileChangedError):
                     discard = True

@@ -29,6 +29,7 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
+from device_agent import fsio
 from device_agent.fetch import ResumedMismatchError
 from device_agent.fetch.mqtt import METADATA_BASE_URL, TARGET_BASE_URL
 from device_agent.fsio import atomic_write_bytes, fsync_dir, make_dir
@@ -203,14 +204,11 @@ class TrustClient:
         except OSError:  # e.g. a full disk: leave no half-written copy behind
             temporary.unlink(missing_ok=True)
             raise
-        with temporary.open("rb") as handle:
-            os.fsync(handle.fileno())
+        if fsio.SYNC:
+            with temporary.open("rb") as handle:
+                os.fsync(handle.fileno())
         temporary.replace(final)
-        directory = os.open(self.targets_dir, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_dir(self.targets_dir)
         return final
 
 

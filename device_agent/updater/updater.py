@@ -382,12 +382,16 @@ class Updater:
         transition = Transition(state, previous, event, record.target, record.attempt, reason)
         # in memory before the report: the host re-publishes its state when told, and must
         # read the new one
-        self.record = record
+        before, self.record = self.record, record
         try:
             self.host.report(transition)
         except AgentError as exc:
             log.error("update transition not reported: %s", exc)
-        atomic_write_json(self.state_file, record.to_dict())
+        try:
+            atomic_write_json(self.state_file, record.to_dict())
+        except BaseException:
+            self.record = before  # the step does not run: memory says what the file says
+            raise
         failpoints.check(f"updater.after:{state}")
         log.info(
             "update %s: %s -(%s)-> %s%s",

@@ -18,6 +18,8 @@ import logging
 import threading
 import time
 
+import sqlalchemy as sa
+
 from device_agent.dispatch import Dispatcher
 from device_agent.errors import LinkError
 from device_agent.link import Connected, Disconnected, Message, MqttEndpoint, MqttLink, TlsFiles
@@ -123,10 +125,11 @@ class HubBridge:
         for message in messages:
             try:
                 self.dispatcher.dispatch(message)
-            except DatabaseError as exc:
-                # the database is down: this delivery is lost; agents re-publish their
-                # state every heartbeat, and retained messages come again on reconnect;
-                # a telemetry window is lost (QoS 1 was acknowledged on receipt)
+            except (DatabaseError, sa.exc.SQLAlchemyError) as exc:
+                # the database is down, or refused this one message: this delivery is lost;
+                # agents re-publish their state every heartbeat, and retained messages come
+                # again on reconnect; a telemetry window is lost (QoS 1 was acknowledged on
+                # receipt). The bridge goes on with the next message.
                 self.store_errors += 1
                 log.error("could not record message on %s: %s", message.topic, exc)
 

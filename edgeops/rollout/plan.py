@@ -19,7 +19,8 @@ reads no database, repository or clock. Three steps:
    rate at once), then ``rate_{k+1} = min(rate_k * increment_factor,
    max_rate_per_minute)``; a minute notifies ``floor(rate)`` devices, evenly over the minute
    (the live engine targets device *i* of a wave ``60 * i / rate`` seconds after the wave
-   started). Minutes count from the canary (minute 0) and leave out the soak windows and
+   started). Minutes count from the canary (minute 0; a wave that ended mid-minute has the
+   next one start at the next whole minute in the plan) and leave out the soak windows and
    gate checks between waves, which the live engine adds.
 
 What a device reports that cannot be read (an agent version that is no version, hardware

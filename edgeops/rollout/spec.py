@@ -298,6 +298,20 @@ class Exponential(_Model):
         default=None, description="none: the rate grows every minute"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _max_defaults_to_base(cls, data: Any) -> Any:
+        """Without ``max_rate_per_minute``: 1,000 (AWS's most), or the base rate if higher."""
+        if isinstance(data, dict) and "max_rate_per_minute" not in data:
+            base = data.get("base_rate_per_minute")
+            if (
+                isinstance(base, int)
+                and not isinstance(base, bool)
+                and base > AWS_MAX_RATE_PER_MINUTE
+            ):
+                return {**data, "max_rate_per_minute": base}
+        return data
+
     @model_validator(mode="after")
     def _max_not_below_base(self) -> Self:
         if self.max_rate_per_minute < self.base_rate_per_minute:
