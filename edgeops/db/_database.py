@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
@@ -22,13 +23,17 @@ from edgeops.errors import DatabaseError
 _MIGRATION_LOCK_KEY = 0x6564_6765_6F70  # "edgeop"
 
 
+_WRITES = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
+
+
 class _FairLock:
     """A reentrant lock granted in the order it was asked for.
 
     SQLite has one writer at a time and lets the others poll with growing sleeps, so a
     thread that writes back to back (the hub's bridge, under a fleet's burst of reports) can
     keep another (the rollout engine) waiting for seconds. Taking turns in this process
-    first makes every transaction wait at most for the ones queued before it.
+    first makes every writing transaction wait at most for the writers queued before it;
+    readers do not take part (WAL lets them read beside a writer).
     """
 
     def __init__(self) -> None:
@@ -78,8 +83,10 @@ class Database:
         self._url = _engine.parse_url(url)
         self.engine: Engine = _engine.create_engine(self._url, self.display_url)
         self._local = threading.local()  # .batch: the session of this thread's batch
-        # SQLite: this process's transactions take turns (see _FairLock); PostgreSQL: none
+        # SQLite: this process's writing transactions take turns (see _FairLock)
         self._turns = _FairLock() if self.backend == "sqlite" else None
+        if self._turns is not None:
+            sa.event.listen(self.engine, "before_cursor_execute", self._take_turn_to_write)
 
     def __repr__(self) -> str:
         return f"Database({self.display_url!r})"
@@ -153,21 +160,39 @@ class Database:
         if outer is not None:
             yield outer  # inside :meth:`batch`: its transaction, committed when it ends
             return
-        turns = self._turns
-        if turns is not None and not turns.acquire(_engine.SQLITE_BUSY_TIMEOUT_MS / 1000.0):
-            raise DatabaseError(
-                f"database {self.display_url} failed: still busy after "
-                f"{_engine.SQLITE_BUSY_TIMEOUT_MS / 1000.0:g} s "
-                "(other transactions of this process)"
-            )
+        local = self._local
+        local.depth = getattr(local, "depth", 0) + 1
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 yield session
         except sa.exc.OperationalError as exc:
             raise DatabaseError(f"database {self.display_url} failed: {self._cause(exc)}") from exc
         finally:
-            if turns is not None:
-                turns.release()
+            local.depth -= 1
+            if local.depth == 0 and getattr(local, "writing", False):
+                local.writing = False
+                assert self._turns is not None
+                self._turns.release()
+
+    def _take_turn_to_write(
+        self, conn: Any, cursor: Any, statement: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """SQLite: before the first write of this thread's session, wait for its turn
+        (:class:`_FairLock`), held until the outermost session ends. Reads never wait."""
+        local = self._local
+        if getattr(local, "depth", 0) == 0 or getattr(local, "writing", False):
+            return
+        words = statement.lstrip()[:8].upper().split()
+        if not words or words[0] not in _WRITES:
+            return
+        assert self._turns is not None
+        timeout_s = _engine.SQLITE_BUSY_TIMEOUT_MS / 1000.0
+        if not self._turns.acquire(timeout_s):
+            raise DatabaseError(
+                f"database {self.display_url} failed: still busy after {timeout_s:g} s "
+                "(other writers of this process)"
+            )
+        local.writing = True
 
     @contextmanager
     def batch(self) -> Iterator[None]:
