@@ -13,11 +13,11 @@ import sqlalchemy as sa
 
 from device_agent.link import MqttEndpoint, MqttLink
 from device_agent.protocol import Channel, Event, Presence, StateReport, device_topic, encode
-from device_agent.telemetry import TelemetryWindow
 from edgeops.errors import DatabaseError
 from edgeops.fleet import FleetService
 from edgeops.hub import HubBridge
 from tests.fixtures.mqtt import wait_subscribed
+from tests.fixtures.telemetry import window
 
 
 @pytest.fixture
@@ -111,27 +111,14 @@ def test_a_late_will_of_an_older_connection_does_not_end_a_newer_one(
 # -- bursts are recorded in batches -----------------------------------------------------------
 
 
-def telemetry_window(device_id: str, seq: int) -> TelemetryWindow:
-    return TelemetryWindow(
-        device_id,
-        "m-1",
-        seq=seq,
-        start_ts=1000.0 + seq,
-        end_ts=1001.0 + seq,
-        samples=10,
-        class_counts=[4, 6],
-        latency_ms={"p50": 1.0, "p95": 2.0, "p99": 3.0},
-    )
-
-
 def burst(device_id: str) -> list[tuple[str, bytes]]:
     """What one device reports at once: its state, two events and two telemetry windows."""
     return [
         (device_topic(device_id, Channel.STATE), encode(StateReport(device_id, "0.2.0"))),
         (device_topic(device_id, Channel.EVENTS), encode(Event(device_id, 1, "started", 10.0))),
         (device_topic(device_id, Channel.EVENTS), encode(Event(device_id, 2, "ready", 11.0))),
-        (device_topic(device_id, Channel.TELEMETRY), encode(telemetry_window(device_id, 1))),
-        (device_topic(device_id, Channel.TELEMETRY), encode(telemetry_window(device_id, 2))),
+        (device_topic(device_id, Channel.TELEMETRY), encode(window(device_id, 1))),
+        (device_topic(device_id, Channel.TELEMETRY), encode(window(device_id, 2))),
     ]
 
 
@@ -213,7 +200,7 @@ def test_when_one_message_fails_the_batch_the_others_are_stored_one_by_one(
     messages = [
         *first,
         (device_topic("f-1", Channel.TELEMETRY), b"{not json"),  # dropped, once
-        (device_topic("f-1", Channel.TELEMETRY), encode(telemetry_window("f-1", 1))),  # again
+        (device_topic("f-1", Channel.TELEMETRY), encode(window("f-1", 1))),  # again
         (device_topic("broken", Channel.STATE), encode(StateReport("broken", "0.2.0"))),
         *second,
     ]

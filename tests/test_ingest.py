@@ -13,7 +13,6 @@ import pytest
 from device_agent.buffer import BufferDrain, OfflineBuffer
 from device_agent.link import Backoff, MqttEndpoint, MqttLink
 from device_agent.protocol import Channel, device_topic, encode, subscription
-from device_agent.telemetry import TelemetryWindow
 from edgeops.broker import MosquittoProcess
 from edgeops.db import Database
 from edgeops.errors import ProtocolError
@@ -21,23 +20,7 @@ from edgeops.fleet import FleetService
 from edgeops.hub import HubBridge
 from edgeops.monitor import TelemetryService
 from tests.fixtures.mqtt import wait_subscribed
-
-
-def window(device_id: str, seq: int, **fields: object) -> TelemetryWindow:
-    doc = TelemetryWindow(
-        device_id,
-        "m-1",
-        seq=seq,
-        start_ts=1000.0 + seq,
-        end_ts=1001.0 + seq,
-        samples=10,
-        class_counts=[4, 6],
-        latency_ms={"p50": 1.0, "p95": 2.0, "p99": 3.0},
-    )
-    for name, value in fields.items():
-        setattr(doc, name, value)
-    return doc
-
+from tests.fixtures.telemetry import window
 
 # -- the service -------------------------------------------------------------------------------
 
