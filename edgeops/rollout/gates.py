@@ -19,7 +19,8 @@ Formulas (sums run over the windows of the wave's committed devices):
 * ``divergence``: the wave's class histogram ``p`` (Σ ``class_counts``) against the card's
   reference ``q`` (``reference.class_counts``), both normalised after adding
   :data:`EPSILON` to every bin: PSI ``Σ (p_i - q_i) ln(p_i / q_i)``, or Jensen-Shannon (base
-  2) ``½ KL(p‖m) + ½ KL(q‖m)``, ``m = (p + q) / 2``.
+  2) ``½ KL(p‖m) + ½ KL(q‖m)``, ``m = (p + q) / 2`` (both from :mod:`edgeops.monitor.drift`,
+  which uses the same PSI for drift detection).
 * ``shadow_agreement = Σ shadow.agreement * shadow.samples / Σ shadow.samples``.
 
 A gate without data: error rate and divergence fail with no telemetry from the new release
@@ -35,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from edgeops.monitor.drift import EPSILON, js_divergence, psi
 from edgeops.rollout.spec import Gates
 
 __all__ = [
@@ -48,7 +50,6 @@ __all__ = [
     "psi",
 ]
 
-EPSILON = 1e-4
 MODEL_ERROR_KINDS = ("input", "runtime", "negative_label", "nan_confidence", "feature_mismatch")
 NO_PREDICTION_KINDS = ("input", "runtime")
 
@@ -122,32 +123,6 @@ def class_histogram(windows: Sequence[Mapping[str, Any]]) -> list[int]:
             if isinstance(count, int) and not isinstance(count, bool) and count > 0:
                 total[index] += count
     return total
-
-
-def _normalised(counts: Sequence[float], length: int) -> list[float]:
-    padded = [float(c) for c in counts] + [0.0] * (length - len(counts))
-    smoothed = [c + EPSILON for c in padded]
-    total = sum(smoothed)
-    return [c / total for c in smoothed]
-
-
-def psi(observed: Sequence[float], reference: Sequence[float]) -> float:
-    """Population stability index of ``observed`` against ``reference`` (counts)."""
-    length = max(len(observed), len(reference))
-    p, q = _normalised(observed, length), _normalised(reference, length)
-    return sum((pi - qi) * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
-
-
-def js_divergence(observed: Sequence[float], reference: Sequence[float]) -> float:
-    """Jensen-Shannon divergence (base 2, 0..1) of two histograms (counts)."""
-    length = max(len(observed), len(reference))
-    p, q = _normalised(observed, length), _normalised(reference, length)
-    m = [(pi + qi) / 2 for pi, qi in zip(p, q, strict=True)]
-
-    def kl(a: list[float], b: list[float]) -> float:
-        return sum(ai * math.log2(ai / bi) for ai, bi in zip(a, b, strict=True) if ai > 0)
-
-    return max(0.0, min(1.0, 0.5 * kl(p, m) + 0.5 * kl(q, m)))
 
 
 def evaluate_gates(
