@@ -110,6 +110,26 @@ class DatasetService:
         content = self._prepare(name, data, seed=seed, rule=rule)
         return self._register(name, content, data.source, seed=seed)
 
+    def register_samples(
+        self,
+        name: str,
+        x: np.ndarray,
+        labels: np.ndarray,
+        *,
+        feature_rule: FeatureRule,
+        source: str,
+        seed: int = 0,
+    ) -> DatasetView:
+        """Register raw samples and their labels as a version of ``name``, keeping a given
+        ``feature_rule`` (e.g. a deployed model's, so new data is preprocessed as on the
+        device) instead of fitting one. Idempotent like the other registrations."""
+        _check_name(name)
+        data = SourceData(
+            x=np.asarray(x, dtype=np.float32), labels=np.asarray(labels), source=source
+        )
+        content = self._prepare(name, data, seed=seed, rule=lambda _x_train: feature_rule)
+        return self._register(name, content, source, seed=seed)
+
     def _prepare(
         self,
         name: str,

@@ -20,6 +20,7 @@ TABLE_MODULES = (
     "edgeops.registry.models",
     "edgeops.monitor.models",
     "edgeops.rollout.models",
+    "edgeops.pipelines.models",
 )
 
 
