@@ -10,6 +10,17 @@ The link keeps a persistent session (``clean_session=False``): while the hub is 
 restart, or a broker restart with persistence, as shipped) the broker queues the QoS 1
 telemetry published meanwhile for it, so a device that deleted a window from its offline
 buffer on the broker's acknowledgement does not lose it.
+
+With ``share_group`` (``edgeops hub serve`` passes ``"edgeops"``), telemetry comes through
+the shared subscription of the ingest workers (:func:`edgeops.monitor.ingest.telemetry_share`):
+with ``edgeops hub ingest`` running beside the hub, the broker splits the windows between the
+bridge and the workers. Without it the bridge takes every window. Mosquitto 2.0.11 does not
+restore shared subscriptions from its persistence file after a restart (verified): windows
+published between the broker's restart and the members' reconnect reach no one, which a
+plain subscription of a persistent session does not suffer (docs/architecture.md, Ingest).
+The bridge checks windows as the workers do (:class:`~edgeops.monitor.ingest.TelemetryValidator`,
+against the ``catalogue`` of releases; without one it is open) and writes those of a batch of
+messages with one INSERT; :attr:`HubBridge.ingest` counts them, rejections by reason.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -33,9 +45,20 @@ from device_agent.protocol import (
     subscription,
 )
 from device_agent.telemetry import TelemetryWindow
-from edgeops.errors import BrokerError, DatabaseError
+from edgeops.errors import BrokerError, DatabaseError, ProtocolError
 from edgeops.fleet import FleetService
 from edgeops.monitor import TelemetryService
+from edgeops.monitor.ingest import (
+    MALFORMED,
+    REPLAYED_SEQ,
+    STATS_EVERY_S,
+    IngestStats,
+    ReleaseCatalogue,
+    TelemetryRejectedError,
+    TelemetryValidator,
+    store_batch,
+    telemetry_share,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +66,13 @@ BATCH_MAX = 50  # messages recorded in one transaction at most (others wait thei
 
 
 class HubBridge:
-    """Subscribes to every device's ``state``, ``presence``, ``telemetry`` and ``events`` and
-    records them (events once per (device, seq); ``update`` events set the update state).
+    """Subscribes to every device's ``state``, ``presence``, ``events`` and ``telemetry`` (this
+    one through the share group ``share_group`` if given), and records them (events once per
+    (device, seq); ``update`` events set the update state; telemetry as the ingest workers
+    do).
 
-    ``telemetry`` defaults to a :class:`TelemetryService` on the fleet service's database.
+    ``telemetry`` defaults to a :class:`TelemetryService` on the fleet service's database;
+    ``catalogue`` to an open one (no release checks).
     """
 
     def __init__(
@@ -55,22 +81,47 @@ class HubBridge:
         fleet: FleetService,
         *,
         telemetry: TelemetryService | None = None,
+        catalogue: ReleaseCatalogue | None = None,
         client_id: str = "edgeops-hub",
         tls: TlsFiles | None = None,
+        share_group: str | None = None,
     ) -> None:
         self.fleet = fleet
         self.telemetry = telemetry if telemetry is not None else TelemetryService(fleet.database)
+        self.validator = TelemetryValidator(catalogue or ReleaseCatalogue(None))
         self.link = MqttLink(endpoint, client_id=client_id, tls=tls, clean_session=False)
         self.dispatcher = Dispatcher()
         self.store_errors = 0
-        self.duplicate_windows = 0  # telemetry windows delivered again, ignored
         self.duplicate_events = 0  # events delivered again, ignored
+        self.ingest = IngestStats()
+        """telemetry that reached the validator: stored, duplicates, rejected by reason"""
+        self._pending: list[TelemetryWindow] = []  # checked windows of the current batch
         self.dispatcher.on(Channel.STATE, self._on_state)
         self.dispatcher.on(Channel.PRESENCE, self._on_presence)
-        self.dispatcher.on(Channel.TELEMETRY, self._on_telemetry)
+        self.dispatcher.on_raw(Channel.TELEMETRY, self._on_telemetry)
         self.dispatcher.on(Channel.EVENTS, self._on_event)
-        for channel in (Channel.STATE, Channel.PRESENCE, Channel.TELEMETRY, Channel.EVENTS):
+        for channel in (Channel.STATE, Channel.PRESENCE, Channel.EVENTS):
             self.link.subscribe(subscription(channel), QOS)
+        telemetry_filter = (
+            subscription(Channel.TELEMETRY) if share_group is None else telemetry_share(share_group)
+        )
+        self.link.subscribe(telemetry_filter, QOS)
+
+    @property
+    def duplicate_windows(self) -> int:
+        """Telemetry windows delivered again (identical to the stored one), ignored."""
+        return self.ingest.duplicates
+
+    def telemetry_stats(self) -> IngestStats:
+        """:attr:`ingest` plus the telemetry payloads the dispatcher dropped before the
+        validator saw them (not JSON, another schema, a bad topic), as ``malformed``."""
+        stats = self.ingest.copy()
+        checked = sum(stats.rejected.values()) - stats.rejected[REPLAYED_SEQ]
+        undecodable = self.dispatcher.dropped[Channel.TELEMETRY.value] - checked
+        if undecodable > 0:
+            stats.rejected[MALFORMED] += undecodable
+            stats.received += undecodable
+        return stats
 
     def start(self, wait_s: float = 10.0) -> None:
         """Connect; raise BrokerError naming the broker if it cannot be reached in time."""
@@ -111,32 +162,51 @@ class HubBridge:
         if len(messages) > 1:
             dispatcher = self.dispatcher
             counts = (dispatcher.dropped.copy(), dispatcher.handled.copy())
-            duplicates = (self.duplicate_windows, self.duplicate_events)
+            before = (self.ingest.copy(), self.duplicate_events)
             try:
                 with self.fleet.database.batch():
                     for message in messages:
                         self.dispatcher.dispatch(message)
+                    self._flush_telemetry()
                 return
             except Exception as exc:  # noqa: BLE001 - replayed one by one below, which raises again
                 log.debug("batch of %d messages failed (%s); one by one", len(messages), exc)
                 # the replay counts every message again: forget what the batch counted
                 dispatcher.dropped, dispatcher.handled = counts
-                self.duplicate_windows, self.duplicate_events = duplicates
+                self.ingest, self.duplicate_events = before
+                self._pending = []
         for message in messages:
             try:
                 self.dispatcher.dispatch(message)
-            except (DatabaseError, sa.exc.SQLAlchemyError) as exc:
+                self._flush_telemetry()
+            except (DatabaseError, ProtocolError, sa.exc.SQLAlchemyError) as exc:
                 # the database is down, or refused this one message: this delivery is lost;
                 # agents re-publish their state every heartbeat, and retained messages come
                 # again on reconnect; a telemetry window is lost (QoS 1 was acknowledged on
-                # receipt). The bridge goes on with the next message.
+                # receipt; the ingest workers acknowledge after the commit). The bridge goes
+                # on with the next message.
+                self._pending = []
                 self.store_errors += 1
                 log.error("could not record message on %s: %s", message.topic, exc)
 
-    def run(self, stop: threading.Event) -> None:
-        """Pump until ``stop`` is set (for a background thread)."""
+    def _flush_telemetry(self) -> None:
+        """Write the windows checked since the last flush (inside the caller's batch)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            store_batch(self.telemetry, pending, self.ingest)
+
+    def run(self, stop: threading.Event, stats_every_s: float = STATS_EVERY_S) -> None:
+        """Pump until ``stop`` is set (for a background thread); logs the telemetry counters
+        every ``stats_every_s`` when they changed."""
+        next_line, last = time.monotonic() + stats_every_s, ""
         while not stop.is_set():
             self.pump(0.25)
+            if time.monotonic() >= next_line:
+                next_line = time.monotonic() + stats_every_s
+                line = self.telemetry_stats().line()
+                if line != last:
+                    log.info("hub telemetry: %s", line)
+                    last = line
 
     def stop(self) -> None:
         self.link.stop()
@@ -149,10 +219,14 @@ class HubBridge:
         assert isinstance(document, Presence)
         self.fleet.record_presence(document)
 
-    def _on_telemetry(self, device_id: str, document: Document) -> None:
-        assert isinstance(document, TelemetryWindow)
-        if not self.telemetry.record(document):
-            self.duplicate_windows += 1
+    def _on_telemetry(self, device_id: str, data: dict[str, Any]) -> None:
+        self.ingest.received += 1
+        try:
+            window = self.validator.check(device_id, data)
+        except TelemetryRejectedError as exc:
+            self.ingest.rejected[exc.reason] += 1
+            raise  # the dispatcher logs, counts and drops it
+        self._pending.append(window)
 
     def _on_event(self, device_id: str, document: Document) -> None:
         assert isinstance(document, Event)

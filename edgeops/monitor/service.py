@@ -10,14 +10,20 @@ and PostgreSQL alike, without a race between a check and a write.
 A window that cannot be stored as JSON (NaN or infinite numbers, which Python's parser
 accepts but JSON and PostgreSQL's JSONB do not) raises :class:`~edgeops.errors.ProtocolError`,
 so receivers drop and count it like other malformed input.
+
+:meth:`TelemetryService.record_many` stores a batch with one multi-row INSERT and tells a
+*duplicate* (the very window already stored: a redelivery) from a *replayed* sequence number
+(another window under a (device, seq) already stored); neither changes what is stored.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -30,12 +36,24 @@ from edgeops.db.types import utcnow
 from edgeops.errors import ProtocolError
 from edgeops.monitor.models import TelemetryWindowRecord, TelemetryWindowView
 
-__all__ = ["TelemetryService"]
+__all__ = ["RecordOutcome", "TelemetryService"]
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 """Returns the hub's current time, aware UTC."""
+
+
+@dataclass
+class RecordOutcome:
+    """What :meth:`TelemetryService.record_many` did with a batch."""
+
+    stored: int = 0
+    """windows written"""
+    duplicates: int = 0
+    """windows identical to one already stored (or earlier in the batch): nothing to do"""
+    replayed: list[tuple[str, int]] = field(default_factory=list)
+    """(device, seq) of windows that differ from the window stored under that key"""
 
 
 class TelemetryService:
@@ -47,29 +65,8 @@ class TelemetryService:
 
     def record(self, window: TelemetryWindow) -> bool:
         """Store ``window``; returns False, changing nothing, if (device, seq) is stored."""
-        device_id = validate_device_id(window.device_id)
-        if window.seq < 1:
-            raise ProtocolError(
-                f"telemetry window of {device_id!r}: field 'seq' must be at least 1, "
-                f"got {window.seq}"
-            )
-        document = window.to_dict()
-        try:
-            json.dumps(document, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(
-                f"telemetry window {window.seq} of {device_id!r} cannot be stored as JSON: {exc}"
-            ) from exc
-        row = {
-            "device_id": device_id,
-            "seq": window.seq,
-            "model_id": window.model_id,
-            "start_ts": window.start_ts,
-            "end_ts": window.end_ts,
-            "samples": window.samples,
-            "window": document,
-            "received_at": self._clock(),
-        }
+        row = self._row(window)
+        device_id = row["device_id"]
         with self._db.session() as session:
             insert = (
                 _insert(session)
@@ -86,6 +83,78 @@ class TelemetryService:
         if not stored:
             log.debug("telemetry window %d of %s is a duplicate; ignored", window.seq, device_id)
         return stored
+
+    def record_many(self, windows: Sequence[TelemetryWindow]) -> RecordOutcome:
+        """Store a batch in one transaction: one multi-row ``INSERT ... ON CONFLICT DO
+        NOTHING``; the windows whose (device, seq) was taken are read back and compared, so
+        the outcome tells duplicates from replayed sequence numbers.
+
+        ProtocolError (nothing stored) if any window cannot be stored (see :meth:`record`);
+        receivers validate first. A database failure raises and stores nothing.
+        """
+        outcome = RecordOutcome()
+        rows: dict[tuple[str, int], dict[str, Any]] = {}
+        for window in windows:
+            row = self._row(window)
+            key = (row["device_id"], row["seq"])
+            first = rows.get(key)
+            if first is None:
+                rows[key] = row
+            elif first["window"] == row["window"]:
+                outcome.duplicates += 1
+            else:
+                outcome.replayed.append(key)
+        if not rows:
+            return outcome
+        device_id, seq = col(TelemetryWindowRecord.device_id), col(TelemetryWindowRecord.seq)
+        with self._db.session() as session:
+            insert = (
+                _insert(session)
+                .values(list(rows.values()))
+                .on_conflict_do_nothing(index_elements=[device_id, seq])
+                .returning(device_id, seq)
+            )
+            written = {(str(d), int(s)) for d, s in session.exec(insert).all()}
+            taken = [key for key in rows if key not in written]
+            stored: dict[tuple[str, int], dict[str, Any]] = {}
+            if taken:
+                query = select(device_id, seq, col(TelemetryWindowRecord.window)).where(
+                    device_id.in_({d for d, _ in taken}), seq.in_({s for _, s in taken})
+                )
+                stored = {(d, s): doc for d, s, doc in session.exec(query).all()}
+        outcome.stored = len(written)
+        for key in taken:
+            if stored.get(key) == rows[key]["window"]:
+                outcome.duplicates += 1
+            else:
+                outcome.replayed.append(key)
+        return outcome
+
+    def _row(self, window: TelemetryWindow) -> dict[str, Any]:
+        """The table row of ``window``; ProtocolError if it cannot be stored."""
+        device_id = validate_device_id(window.device_id)
+        if window.seq < 1:
+            raise ProtocolError(
+                f"telemetry window of {device_id!r}: field 'seq' must be at least 1, "
+                f"got {window.seq}"
+            )
+        document = window.to_dict()
+        try:
+            json.dumps(document, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(
+                f"telemetry window {window.seq} of {device_id!r} cannot be stored as JSON: {exc}"
+            ) from exc
+        return {
+            "device_id": device_id,
+            "seq": window.seq,
+            "model_id": window.model_id,
+            "start_ts": window.start_ts,
+            "end_ts": window.end_ts,
+            "samples": window.samples,
+            "window": document,
+            "received_at": self._clock(),
+        }
 
     def count(self, device_id: str | None = None) -> int:
         """How many windows are stored, of one device or of all."""
