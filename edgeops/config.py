@@ -86,6 +86,16 @@ class Settings(FileBackedSettings):
     trust_refresh_interval_s: float = Field(
         default=60.0, gt=0, description="how often the running hub checks for expiring metadata"
     )
+    ingest_share: bool = Field(
+        default=False,
+        description="hub serve takes telemetry through the MQTT shared subscription that "
+        "`edgeops hub ingest` workers share (set it when they run; see docs/monitoring.md)",
+    )
+    drift_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="how often the running hub evaluates drift of every release (edgeops drift)",
+    )
 
     @field_validator("data_dir")
     @classmethod

@@ -6,7 +6,11 @@ With a release repository (``edgeops keys init``), the hub also answers devices'
 
 A thread next to the bridge pump ticks the rollout engine every second
 (:meth:`edgeops.rollout.engine.RolloutEngine.tick`), publishing desired state through its
-own :class:`edgeops.hub.DesiredPublisher`.
+own :class:`edgeops.hub.DesiredPublisher`. Another evaluates drift of every release every
+``drift_interval_s`` (:class:`edgeops.monitor.watch.DriftService`, ``edgeops drift``); a
+policy's ``retrain`` action starts the continuous-training pipeline
+(:mod:`edgeops.pipelines.ct`) in a thread, and runs left unfinished (by a previous hub, or
+a thread that died) are resumed at start and then every minute, in a thread of their own.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeops.config import Settings
 from edgeops.errors import ConfigError, EdgeOpsError
@@ -24,6 +28,9 @@ if TYPE_CHECKING:
     from device_agent.link import MqttEndpoint
     from edgeops.db import Database
     from edgeops.hub.desired import DesiredPublisher
+    from edgeops.monitor.models import DriftEvaluationView
+    from edgeops.monitor.watch import DriftService, Retrainer
+    from edgeops.pipelines import PipelineRunner
     from edgeops.trust import FetchServer, TimestampRefresher
 
 log = logging.getLogger(__name__)
@@ -49,15 +56,30 @@ def serve(settings: Settings, host: str, port: int, *, connect_timeout_s: float 
     database.check()
     database.upgrade()
     fleet = FleetService(database)
-    bridge = HubBridge(endpoint, fleet, client_id=settings.mqtt_client_id, tls=settings.tls_files)
+    from edgeops.monitor.ingest import SHARE_GROUP, ReleaseCatalogue
+    from edgeops.trust import repository_for
+
+    bridge = HubBridge(
+        endpoint,
+        fleet,
+        client_id=settings.mqtt_client_id,
+        tls=settings.tls_files,
+        catalogue=ReleaseCatalogue(repository_for(settings)),
+        # with ingest workers, the hub takes its share of the telemetry through the same
+        # shared subscription; alone, a plain one (Mosquitto 2.0 does not restore shared
+        # subscriptions after a restart: see docs/monitoring.md)
+        share_group=SHARE_GROUP if settings.ingest_share else None,
+    )
     bridge.start(wait_s=connect_timeout_s)
     stop = threading.Event()
     pump = threading.Thread(target=bridge.run, args=(stop,), name="hub-bridge", daemon=True)
     pump.start()
     fetch_server, refresher, publisher = None, None, None
     rollouts: threading.Thread | None = None
+    watch: threading.Thread | None = None
     try:
         publisher, rollouts = _start_rollouts(settings, endpoint, database, stop)
+        watch = _start_drift_watch(settings, database, stop)
         fetch_server, refresher = _start_trust(settings, endpoint)
         config = uvicorn.Config(
             create_app(fleet, repository_dir=settings.trust_dir / "repository"),
@@ -88,6 +110,8 @@ def serve(settings: Settings, host: str, port: int, *, connect_timeout_s: float 
         stop.set()
         if rollouts is not None:
             rollouts.join(timeout=5)
+        if watch is not None:
+            watch.join(timeout=5)
         if publisher is not None:
             publisher.stop()
         if refresher is not None:
@@ -101,6 +125,7 @@ def serve(settings: Settings, host: str, port: int, *, connect_timeout_s: float 
 
 
 ROLLOUT_TICK_S = 1.0
+RESUME_INTERVAL_S = 60.0
 GRACEFUL_SHUTDOWN_S = 5  # seconds
 
 
@@ -129,6 +154,91 @@ def _start_rollouts(
     thread = threading.Thread(target=tick, name="hub-rollouts", daemon=True)
     thread.start()
     return publisher, thread
+
+
+def _start_drift_watch(
+    settings: Settings, database: Database, stop: threading.Event
+) -> threading.Thread:
+    """The drift watch's thread: every release evaluated every ``drift_interval_s`` until
+    ``stop`` (its actions included)."""
+    from edgeops.monitor.watch import DriftService, RepositoryReleases
+    from edgeops.trust import repository_for
+
+    runner = _pipeline_runner(settings, database)
+    watch = DriftService(database, RepositoryReleases(repository_for(settings)), retrainer=None)
+    watch.retrainer = _ct_starter(runner, watch)
+
+    def resume() -> None:
+        # runs a hub left unfinished (a restart, or a run whose thread died) carry on here,
+        # at start and then every RESUME_INTERVAL_S; a resumed run works in this thread only
+        while True:
+            try:
+                for run_id in runner.resume():
+                    log.info("pipeline run %s resumed", run_id)
+            except Exception:
+                log.exception("resuming pipeline runs failed; trying again")
+            if stop.wait(RESUME_INTERVAL_S):
+                return
+
+    threading.Thread(target=resume, name="hub-pipelines", daemon=True).start()
+
+    def evaluate() -> None:
+        while not stop.wait(settings.drift_interval_s):
+            try:
+                watch.evaluate()
+            except Exception:
+                log.exception("drift evaluation failed; trying again")
+
+    thread = threading.Thread(target=evaluate, name="hub-drift", daemon=True)
+    thread.start()
+    return thread
+
+
+def _pipeline_runner(settings: Settings, database: Database) -> PipelineRunner:
+    """The continuous-training pipeline on the hub's stores; rollouts it creates are
+    carried out by the hub's engine (no publisher needed to create one)."""
+    from edgeops.hub.stores import HubStores
+    from edgeops.pipelines import PipelineRunner
+    from edgeops.pipelines.ct import CTServices, ct_pipeline
+    from edgeops.store import ArtifactStore
+    from edgeops.trust import repository_for
+
+    stores = HubStores(database, ArtifactStore(settings.artifacts_dir))
+    registry = stores.registry()
+    services = CTServices(
+        database, stores.store, stores.datasets(), registry, repository_for(settings)
+    )
+    return PipelineRunner(database, [ct_pipeline(services)], registry=registry)
+
+
+def _ct_starter(runner: PipelineRunner, watch: DriftService) -> Retrainer:
+    """The drift watch's ``retrain`` action: a continuous-training run of the drifting
+    model with the policy's parameters, on the samples received since the drift began (the
+    newest evaluation that found none), executed in a thread of its own. While a run of the
+    model is under way, another onset (another cohort) does not start a second one."""
+    from edgeops.pipelines.ct import CT_PIPELINE, CTParams
+
+    def start(event: DriftEvaluationView) -> dict[str, Any]:
+        if not event.model_name:
+            return {"error": f"model {event.model_id} has no name on its card"}
+        for run in runner.list_runs(pipeline=CT_PIPELINE, limit=100):
+            if run.status in ("pending", "running") and run.params.get("model") == event.model_name:
+                return {"pipeline_run": run.id, "note": "a run of this model was under way"}
+        policy = watch.get_policy(event.model_name)
+        params = CTParams.from_dict(
+            {
+                **policy.retrain,
+                "model": event.model_name,
+                "since": watch.drift_since(event).isoformat(),
+            }
+        )
+        run_id = runner.start(CT_PIPELINE, params.to_dict())
+        threading.Thread(
+            target=runner.execute, args=(run_id,), name=f"hub-ct-{run_id}", daemon=True
+        ).start()
+        return {"pipeline_run": run_id}
+
+    return start
 
 
 def _start_trust(

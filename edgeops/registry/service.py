@@ -26,6 +26,7 @@ from sqlmodel import Session, col, func, select
 from device_agent.card import ModelCard
 from edgeops import store as artifact_store
 from edgeops.db import Database
+from edgeops.db.locks import lock_key
 from edgeops.db.types import utcnow
 from edgeops.registry._json import json_document
 from edgeops.registry.codeversion import code_version
@@ -369,12 +370,7 @@ def _lock_name(session: Session, name: str) -> None:
     """Serialise registrations of ``name`` until this transaction ends, so each reads the
     newest ``seq``: a transaction-scoped advisory lock on PostgreSQL; on SQLite, taking the
     database's write lock at once (a write that changes nothing), as writers queue there."""
-    if session.get_bind().dialect.name == "postgresql":
-        key = sa.func.hashtext(f"edgeops.model_versions:{name}")
-        session.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
-    else:
-        touch = sa.update(Run).where(sa.false()).values(kind=Run.kind)
-        session.execute(touch.execution_options(synchronize_session=False))
+    lock_key(session, f"edgeops.model_versions:{name}", Run)
 
 
 def _check_name(name: str) -> None:

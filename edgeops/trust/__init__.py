@@ -37,6 +37,7 @@ from edgeops.trust.release import (
     card_of,
     card_text,
     release_model,
+    released_cards,
 )
 from edgeops.trust.repository import TrustRepository, repository_for
 from edgeops.trust.server import FetchServer, FetchServerStats, TimestampRefresher
@@ -68,5 +69,6 @@ __all__ = [
     "card_text",
     "check_target_path",
     "release_model",
+    "released_cards",
     "repository_for",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "card_text",
     "parse_hardware",
     "release_model",
+    "released_cards",
     "target_path",
 ]
 
@@ -144,6 +145,25 @@ def card_of(custom: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(card, dict):
         raise ReleaseError("custom.edgeops.card is missing or not a JSON object")
     return card
+
+
+def released_cards(repository: TrustRepository) -> dict[str, list[dict[str, Any]]]:
+    """The cards of every target in the repository's current targets metadata, by model id.
+
+    A model released more than once (several runtimes, or the same model again) has one card
+    per target, in target path order. Targets without a readable card are left out.
+    """
+    cards: dict[str, list[dict[str, Any]]] = {}
+    for target in repository.targets():
+        custom = target.custom if isinstance(target.custom, Mapping) else {}
+        try:
+            card = card_of(custom)
+        except ReleaseError:
+            continue
+        model_id = card.get("model_id")
+        if isinstance(model_id, str) and model_id:
+            cards.setdefault(model_id, []).append(card)
+    return cards
 
 
 def build_custom(
