@@ -25,6 +25,7 @@ from edgeops.rollout.engine import RolloutEngine, RolloutError
 from edgeops.rollout.gates import js_divergence, psi
 from edgeops.trust import build_custom
 from tests.clitools import run_cli
+from tests.fixtures.clock import Clock
 from tests.test_rollout_plan import hub_data_dir  # noqa: F401  (a fixture)
 
 RELEASE = "digits/2/litert/model.tflite"
@@ -71,17 +72,6 @@ def make_spec(**changes: Any) -> RolloutSpec:
         else:
             document[key] = value
     return parse_spec(json.dumps(document), "json")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @dataclass
@@ -549,3 +539,145 @@ def test_cli_run_ticks_until_the_end(
     assert watched.returncode == 0 and "aborted" in watched.stdout  # ended: shown once
     no_broker = run_cli("edgeops", "rollout", "run", rollout_id)
     assert no_broker.returncode == 2 and "no broker configured" in no_broker.stderr
+
+
+# -- overlapping waves and devices another rollout holds -----------------------------------------
+
+
+def drive_slowly(
+    engine: RolloutEngine,
+    rollout_id: str,
+    fleet: Fleet,
+    recorder: Recorder,
+    clock: Clock,
+    answer: Callable[[str], list[str]],
+    *,
+    after_ticks: int,
+    max_ticks: int = 500,
+) -> tuple[dict[str, Any], list[tuple[int, int, int]]]:
+    """Like :func:`drive`, but each device answers ``after_ticks`` ticks after it was first
+    pointed at the release; also returns, per tick, (current wave, devices targeted of
+    earlier waves, devices targeted of the current one)."""
+    pointed: dict[str, int] = {}
+    answered: set[str] = set()
+    seen: list[tuple[int, int, int]] = []
+    for tick in range(max_ticks):
+        running = engine.tick()
+        for device_id, target in list(recorder.published):
+            if target == RELEASE and device_id not in pointed:
+                pointed[device_id] = tick
+        for device_id, since in pointed.items():
+            if device_id not in answered and tick - since >= after_ticks:
+                answered.add(device_id)
+                for state in answer(device_id):
+                    reason = "health: 5 runtime errors" if state == "rolling_back" else None
+                    fleet.event(device_id, state, reason)
+        status = engine.status(rollout_id)
+        current = max((w["index"] for w in status["waves"] if w["state"] != "pending"), default=0)
+        devices = engine.devices(rollout_id)
+        earlier = sum(1 for d in devices if d["status"] == "targeted" and d["wave"] < current)
+        now = sum(1 for d in devices if d["status"] == "targeted" and d["wave"] == current)
+        seen.append((current, earlier, now))
+        if not running:
+            break
+        clock.advance(10.0)
+    return engine.status(rollout_id), seen
+
+
+def notified_spec(**changes: Any) -> RolloutSpec:
+    return make_spec(
+        waves={
+            "canary": {"count": 2},
+            "exponential": {
+                "base_rate_per_minute": 12,
+                "increment_factor": 2.0,
+                "max_rate_per_minute": 48,
+                "rate_increase_criteria": {"notified": 4},
+            },
+            "abort": {"min_devices": 2, "failure_percent": 40.0},
+        },
+        **changes,
+    )
+
+
+def test_without_gates_a_wave_hands_over_once_notified_and_every_wave_is_still_checked(
+    setup: Any,
+) -> None:
+    engine, fleet, recorder, clock = setup(14)
+    rollout_id = engine.create(notified_spec(), custom=contract())
+
+    def committed(device_id: str) -> list[str]:
+        return ["downloading", "testing", "committed"]
+
+    status, seen = drive_slowly(
+        engine, rollout_id, fleet, recorder, clock, committed, after_ticks=3
+    )
+    assert status["status"] == "succeeded", status["reason"]
+    assert [w["size"] for w in status["waves"]] == [2, 4, 4, 4]
+    assert status["counts"]["succeeded"] == 14
+    # a later exponential wave ran while devices of the one before were still updating
+    assert any(current >= 2 and earlier > 0 for current, earlier, _ in seen), seen
+    # the canary never overlaps: nothing past it was targeted while it ran
+    assert all(earlier == 0 for current, earlier, _ in seen if current == 1), seen
+
+
+def test_an_overlapped_wave_that_fails_still_aborts_the_rollout(setup: Any) -> None:
+    engine, fleet, recorder, clock = setup(14)
+    rollout_id = engine.create(notified_spec(), custom=contract())
+    first_wave = {d["device_id"] for d in engine.devices(rollout_id) if d["wave"] == 1}
+
+    def answer(device_id: str) -> list[str]:
+        if device_id in first_wave:
+            return ["downloading", "testing", "rolling_back", "rolled_back"]
+        return ["downloading", "testing", "committed"]
+
+    status, _ = drive_slowly(engine, rollout_id, fleet, recorder, clock, answer, after_ticks=3)
+    assert status["status"] == "aborted"
+    assert status["reason"].startswith("wave 1 (exponential): ")
+    # every device the rollout had targeted got its previous release back
+    targeted = {d for d, t in recorder.published if t == RELEASE}
+    assert targeted - first_wave  # the next wave had started before the failures came in
+    for device_id in targeted:
+        assert recorder.last(device_id) == OLD_TARGET
+
+
+@pytest.mark.parametrize("why", ["gates", "succeeded"])
+def test_with_gates_or_on_succeeded_devices_a_wave_waits_for_its_devices(
+    setup: Any, why: str
+) -> None:
+    if why == "gates":
+        spec = notified_spec(gates={"soak_seconds": 0, "max_error_rate": 0.5})
+    else:
+        spec = make_spec(
+            waves={
+                "canary": {"count": 2},
+                "exponential": {
+                    "base_rate_per_minute": 12,
+                    "increment_factor": 2.0,
+                    "rate_increase_criteria": {"succeeded": 4},
+                },
+            }
+        )
+    engine, fleet, recorder, clock = setup(10)
+    rollout_id = engine.create(spec, custom=contract())
+
+    def answer(device_id: str) -> list[str]:
+        fleet.window(device_id, "m-new", good_window())
+        return ["downloading", "testing", "committed"]
+
+    status, seen = drive_slowly(engine, rollout_id, fleet, recorder, clock, answer, after_ticks=3)
+    assert status["status"] == "succeeded", status["reason"]
+    assert all(earlier == 0 for _, earlier, _ in seen), seen
+
+
+def test_devices_another_rollout_still_updates_are_excluded_as_busy(setup: Any) -> None:
+    engine, fleet, _, _ = setup(6)
+    first = engine.create(make_spec(), custom=contract())
+    engine.tick()  # the canary is targeted; the rest pending: all six are the first's
+    with pytest.raises(RolloutSpecError, match="no compatible device"):
+        engine.create(make_spec(name="digits-2-again"), custom=contract())
+    engine.abort(first)
+    second = engine.create(make_spec(name="digits-2-again"), custom=contract())
+    assert {d["status"] for d in engine.devices(second)} == {"pending"}
+    busy = engine.busy_devices()
+    assert set(busy) == set(fleet.ids) and set(busy.values()) == {second}

@@ -70,12 +70,14 @@ def _plan(spec: RolloutSpec) -> RolloutPlan:
     from edgeops.cli.main import settings
     from edgeops.fleet import FleetService
     from edgeops.rollout import plan_rollout, release_contract
+    from edgeops.rollout.engine import RolloutEngine
     from edgeops.trust import repository_for
 
     custom = release_contract(repository_for(settings()), spec.release)
     with open_hub() as hub:
         devices = FleetService(hub.database).list_devices()
-    return plan_rollout(spec, devices, custom)
+        busy = RolloutEngine(hub.database, None).busy_devices()
+    return plan_rollout(spec, devices, custom, busy)
 
 
 def _ids(ids: list[str] | tuple[str, ...]) -> str:

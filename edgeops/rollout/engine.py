@@ -25,6 +25,15 @@ What :meth:`RolloutEngine.tick` does for every running rollout, each step one tr
    and decided ``soak_seconds`` after the wave finished; all pass: the next wave starts
    (or the rollout ``succeeded``); one fails: ``failed``, the gate named in the reason.
 
+**Overlapping waves.** Without quality gates, an exponential wave whose rate rises on
+devices *notified* (AWS IoT Jobs' ``numberOfNotifiedThings``), or every minute, hands over
+to the next wave as soon as all its devices were notified, while their updates still run:
+the rate rises without waiting for the slowest device. The devices of earlier waves are
+still followed every tick, each wave's abort condition still applies to its own devices,
+and its success condition is checked once they all finished; the rollout succeeds when the
+devices of every wave finished. The canary, a rate that rises on devices that *succeeded*,
+and any quality gate keep a wave waiting for its devices (and its soak window).
+
 A paused rollout stands still: nothing is targeted, followed or decided; on resume its
 clocks (device timeouts, the wave's batches, the soak) move on by the pause's length.
 """
@@ -127,6 +136,17 @@ class RolloutEngine:
 
     # -- creating --------------------------------------------------------------------------
 
+    def busy_devices(self) -> dict[str, str]:
+        """Devices a running or paused rollout has not finished with, and its id."""
+        with self.database.session() as session:
+            rows = session.exec(
+                select(RolloutDeviceRecord.device_id, RolloutDeviceRecord.rollout_id)
+                .join(RolloutRecord, col(RolloutRecord.id) == col(RolloutDeviceRecord.rollout_id))
+                .where(col(RolloutRecord.status).in_(ACTIVE))
+                .where(col(RolloutDeviceRecord.status).in_(("pending", "targeted")))
+            ).all()
+        return {str(device_id): str(rollout_id) for device_id, rollout_id in rows}
+
     def create(self, spec: RolloutSpec, *, custom: Mapping[str, Any] | None = None) -> str:
         """Plan ``spec`` on the fleet now and store the rollout, running; its id.
 
@@ -138,7 +158,7 @@ class RolloutEngine:
             if self.repository is None:
                 raise ConfigError("no release repository to read the release's contract from")
             custom = release_contract(self.repository, spec.release)
-        plan = plan_rollout(spec, self.fleet.list_devices(), custom)
+        plan = plan_rollout(spec, self.fleet.list_devices(), custom, self.busy_devices())
         if not plan.waves:
             raise RolloutSpecError(
                 "selection",
@@ -261,7 +281,8 @@ class RolloutEngine:
             members = by_wave.get(index, [])
             wave_counts = Counter(device.status for device in members)
             if index < record.current_wave:
-                state = "passed"
+                # an overlapped wave hands over once notified: running until its devices end
+                state = "running" if wave_counts.get("targeted") else "passed"
             elif index > record.current_wave:
                 state = "pending"
             elif record.status in ("succeeded",):
@@ -430,40 +451,51 @@ class RolloutEngine:
             if record.status != "running":
                 return False
             members = sorted((d for d in devices if d.wave == index), key=lambda d: d.position)
-        # 2. follow the targeted devices
-        targeted = [d for d in members if d.status == "targeted"]
+        # 2. follow the targeted devices (of earlier waves too, when waves overlap)
+        targeted = [d for d in devices if d.status == "targeted" and (d.wave or 0) <= index]
         if targeted:
             self._follow(rollout_id, record.release, targeted, spec, now)
             record, devices = self._load(rollout_id)
             if record.status != "running":
                 return False
             members = sorted((d for d in devices if d.wave == index), key=lambda d: d.position)
-        # 3. the abort condition
-        abort = AbortCondition.model_validate(wave["abort"])
-        finished = [d for d in members if d.status in FINISHED_DEVICE]
-        failures = [d for d in finished if _failure_type(d) in abort.failure_types]
-        if abort.aborts(len(finished), len(failures)):
-            self._abort(
-                rollout_id,
-                f"wave {index} ({wave['kind']}): {len(failures)} of {len(finished)} finished "
-                f"devices failed ({_describe(abort)})",
-                from_statuses=("running",),
-            )
-            return False
-        # 4. success condition, soak and gates once the wave is done
-        if any(d.status in ("pending", "targeted") for d in members):
-            return True
-        if record.wave_finished_at is None:
-            succeeded = sum(1 for d in members if d.status == "succeeded")
-            percent = succeeded * 100.0 / len(members) if members else 0.0
-            wanted = spec.waves.success.min_success_percent
-            if percent < wanted:
-                self._finish(
+        # 3. the abort condition, and the success condition of overlapped waves that finished
+        for earlier in range(index + 1):
+            group = members if earlier == index else [d for d in devices if d.wave == earlier]
+            abort = AbortCondition.model_validate(record.waves[earlier]["abort"])
+            finished = [d for d in group if d.status in FINISHED_DEVICE]
+            failures = [d for d in finished if _failure_type(d) in abort.failure_types]
+            if abort.aborts(len(finished), len(failures)):
+                shown = record.waves[earlier]
+                self._abort(
                     rollout_id,
-                    "failed",
-                    f"wave {index} ({wave['kind']}): {succeeded} of {len(members)} devices "
-                    f"succeeded ({percent:.1f} %), below the {wanted:g} % required",
+                    f"wave {earlier} ({shown['kind']}): {len(failures)} of {len(finished)} "
+                    f"finished devices failed ({_describe(abort)})",
+                    from_statuses=("running",),
                 )
+                return False
+            if earlier < index and len(finished) == len(group):
+                short = _short_of_success(earlier, record.waves[earlier], group, spec)
+                if short is not None:
+                    self._finish(rollout_id, "failed", short)
+                    return False
+        # 4. success condition, soak and gates once the wave is done
+        if any(d.status == "pending" for d in members):
+            return True
+        if any(d.status == "targeted" for d in members):
+            if index + 1 < len(record.waves) and _overlaps(spec, wave):
+                # every device of this wave was notified: the rate rises now (AWS IoT Jobs'
+                # numberOfNotifiedThings); the wave's outcome is still followed and checked
+                return self._next_wave(rollout_id, index)
+            return True
+        if index + 1 >= len(record.waves) and any(
+            d.status in ("pending", "targeted") for d in devices
+        ):
+            return True  # the last wave is done; earlier, overlapped ones are not yet
+        if record.wave_finished_at is None:
+            short = _short_of_success(index, wave, members, spec)
+            if short is not None:
+                self._finish(rollout_id, "failed", short)
                 return False
             self._update(rollout_id, wave_finished_at=now)
             record.wave_finished_at = now
@@ -494,6 +526,9 @@ class RolloutEngine:
         if index + 1 >= len(record.waves):
             self._finish(rollout_id, "succeeded", None)
             return False
+        return self._next_wave(rollout_id, index)
+
+    def _next_wave(self, rollout_id: str, index: int) -> bool:
         self._update(
             rollout_id, current_wave=index + 1, wave_started_at=None, wave_finished_at=None
         )
@@ -804,6 +839,32 @@ def _describe(abort: AbortCondition) -> str:
     if abort.failure_percent is not None:
         parts.append(f"{abort.failure_percent:g} %")
     return f"abort at {' or '.join(parts)} after {abort.min_devices} finished"
+
+
+def _overlaps(spec: RolloutSpec, wave: Mapping[str, Any]) -> bool:
+    """Whether the next wave may start once every device of ``wave`` was notified, before
+    they all finished: an exponential wave whose rate rises on devices notified (or every
+    minute), in a rollout without quality gates. The canary, a rate that rises on devices
+    that succeeded, and gates (measured on a finished wave) make a wave wait."""
+    if wave.get("kind") == "canary" or _has_gates(spec):
+        return False
+    criteria = spec.waves.exponential.rate_increase_criteria
+    return criteria is None or criteria.notified is not None
+
+
+def _short_of_success(
+    index: int, wave: Mapping[str, Any], members: Sequence[Any], spec: RolloutSpec
+) -> str | None:
+    """Why the finished wave missed the success condition, or None if it met it."""
+    succeeded = sum(1 for d in members if d.status == "succeeded")
+    percent = succeeded * 100.0 / len(members) if members else 0.0
+    wanted = spec.waves.success.min_success_percent
+    if percent >= wanted:
+        return None
+    return (
+        f"wave {index} ({wave['kind']}): {succeeded} of {len(members)} devices "
+        f"succeeded ({percent:.1f} %), below the {wanted:g} % required"
+    )
 
 
 def _has_gates(spec: RolloutSpec) -> bool:

@@ -338,9 +338,15 @@ def _needed_runtime(custom: Mapping[str, Any]) -> str | None:
 
 
 def precheck(
-    spec: RolloutSpec, devices: Iterable[PlannedDevice], custom: Mapping[str, Any]
+    spec: RolloutSpec,
+    devices: Iterable[PlannedDevice],
+    custom: Mapping[str, Any],
+    busy: Mapping[str, str] | None = None,
 ) -> tuple[list[CompatibleDevice], list[ExcludedDevice]]:
     """Split ``devices`` into those the release fits and those it does not, with reasons.
+
+    ``busy`` maps devices another rollout still has in hand to that rollout's id: they are
+    excluded (``busy``), so two rollouts never fight over one device's desired release.
 
     A malformed contract is the release's fault, not a device's: RolloutSpecError on
     ``release``.
@@ -352,6 +358,13 @@ def precheck(
         if device.agent_version is None or not _dict(device.reported):
             excluded.append(
                 ExcludedDevice(device.device_id, "unreported", "no state report received yet")
+            )
+            continue
+        if busy and device.device_id in busy:
+            excluded.append(
+                ExcludedDevice(
+                    device.device_id, "busy", f"rollout {busy[device.device_id]} is updating it"
+                )
             )
             continue
         if current_target_of(device) == spec.release:
@@ -438,11 +451,15 @@ def schedule(spec: RolloutSpec, device_ids: Sequence[str]) -> list[Wave]:
 
 
 def plan_rollout(
-    spec: RolloutSpec, devices: Sequence[PlannedDevice], custom: Mapping[str, Any]
+    spec: RolloutSpec,
+    devices: Sequence[PlannedDevice],
+    custom: Mapping[str, Any],
+    busy: Mapping[str, str] | None = None,
 ) -> RolloutPlan:
-    """Select, pre-check and schedule: see the module docstring."""
+    """Select, pre-check and schedule: see the module docstring (``busy``: see
+    :func:`precheck`)."""
     selected = select_devices(spec, devices)
-    compatible, excluded = precheck(spec, selected, custom)
+    compatible, excluded = precheck(spec, selected, custom, busy)
     waves = schedule(spec, [device.device_id for device in compatible])
     return RolloutPlan(
         spec=spec,
