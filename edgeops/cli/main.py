@@ -22,8 +22,11 @@ from edgeops.cli.broker import broker_app
 from edgeops.cli.compress import compress
 from edgeops.cli.data import data_app
 from edgeops.cli.devices import devices_app
+from edgeops.cli.drift import drift_app
+from edgeops.cli.firmware import firmware_app
 from edgeops.cli.fleet import fleet_app
 from edgeops.cli.models import models_app, runs_app
+from edgeops.cli.pipelines import pipelines_app
 from edgeops.cli.rollout import rollout_app
 from edgeops.cli.train import evaluate, export, train
 from edgeops.cli.trust import keys_app, release, releases_app
@@ -55,6 +58,9 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(drift_app, name="drift")
+app.add_typer(pipelines_app, name="pipelines")
+app.add_typer(firmware_app, name="firmware")
 app.command("compress")(compress)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
@@ -167,38 +173,122 @@ def hub_serve(
     )
 
 
+@hub_app.command("ingest")
+def hub_ingest(
+    workers: Annotated[
+        int, typer.Option("--workers", "-w", min=1, max=64, help="worker processes to run")
+    ] = 1,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            max=1000,
+            help="most windows written in one INSERT (the broker sends each worker at most "
+            "its max_inflight_messages unacknowledged windows: 100 as shipped)",
+        ),
+    ] = 100,
+    batch_ms: Annotated[
+        float,
+        typer.Option(
+            "--batch-ms", min=0, help="longest wait in ms for a batch to fill after its first"
+        ),
+    ] = 50.0,
+    stats_every: Annotated[
+        float,
+        typer.Option("--stats-every", min=1, metavar="SECONDS", help="log counters this often"),
+    ] = 30.0,
+    connect_timeout: ConnectTimeoutOption = CONNECT_TIMEOUT_S,
+    as_json: JsonOption = False,
+) -> None:
+    """Store device telemetry with worker processes sharing the stream, until Ctrl-C.
+
+    Each worker is a process with its own MQTT connection (client id <hub id>-ingest-<n>,
+    persistent session) in the shared subscription $share/edgeops/edgeops/v1/dev/+/telemetry,
+    which the hub's bridge (`edgeops hub serve` with EDGEOPS_INGEST_SHARE=1) joins too: the
+    broker hands each window to one of them. A worker checks each window (malformed, device
+    mismatch, negative counts, unknown release, feature/class/confidence bins against the
+    release's reference, replayed sequence number), writes the valid ones in batches (one INSERT
+    ... ON CONFLICT DO NOTHING, idempotent by device and sequence number) and acknowledges them
+    to the broker only after the commit, so a worker killed mid-batch loses nothing. Without a
+    release repository (`edgeops keys init`) windows are not checked against releases.
+
+    A worker that dies is started again under its client id. SIGINT/SIGTERM stop them all
+    cleanly; the counters of each worker are printed at the end.
+    """
+    from edgeops.monitor.ingest import IngestOptions, run_ingest
+
+    def event(line: str) -> None:
+        typer.echo(line, err=as_json)
+
+    report = run_ingest(
+        settings(),
+        workers=workers,
+        options=IngestOptions(
+            batch_max=batch_size,
+            batch_ms=batch_ms,
+            connect_timeout_s=connect_timeout,
+            stats_every_s=stats_every,
+        ),
+        on_event=event,
+    )
+    if as_json:
+        print_json(report.to_dict())
+        return
+    for name, stats in report.workers.items():
+        typer.echo(f"{name}: {stats.line()}")
+    typer.echo(f"total: {report.total.line()}")
+    if report.restarts:
+        typer.echo(f"workers started again: {report.restarts}")
+
+
 @app.command()
 def demo(
-    devices: Annotated[int, typer.Option(help="number of simulated devices", min=1, max=50)] = 3,
+    devices: Annotated[int, typer.Option(help="simulated devices", min=2, max=200)] = 12,
     headless: Annotated[
         bool,
         typer.Option(
-            help="end once every device is online (EDGEOPS_DEMO_HEADLESS=1)",
+            help="end once the loop is closed and the figures are printed "
+            "(EDGEOPS_DEMO_HEADLESS=1); otherwise the fleet runs on until Ctrl-C",
             envvar="EDGEOPS_DEMO_HEADLESS",
         ),
     ] = False,
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the devices")] = 60.0,
+    epochs: Annotated[int, typer.Option(help="training epochs of the champion", min=1)] = 15,
+    steady: Annotated[
+        float, typer.Option(metavar="SECONDS", help="streaming before the drift", min=0)
+    ] = 20.0,
+    gain: Annotated[float, typer.Option(help="the drifted sensor's gain")] = 0.5,
+    offset: Annotated[float, typer.Option(help="the drifted sensor's offset")] = 6.0,
+    samples: Annotated[
+        int, typer.Option(help="raw samples from the drifted fleet to retrain on", min=50)
+    ] = 3000,
+    timeout: Annotated[
+        float, typer.Option(metavar="SECONDS", help="longest wait for any one step", min=10)
+    ] = 540.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a broker (embedded unless EDGEOPS_MQTT_URL is set), the hub and device agents.
+    """The closed loop on one machine: train, compress, sign, roll out in waves, stream,
+    inject drift, detect it, retrain, canary, promote, and print the timeline.
 
-    Each agent connects with its own identity and publishes its retained state; the hub
-    records them and prints the fleet. Without --headless it keeps running and shows
-    presence changes until Ctrl-C; every child process is stopped on the way out.
+    Everything is real and local: the built-in digits dataset, a broker (embedded unless
+    EDGEOPS_MQTT_URL is set), the hub (bridge, fetch server, rollout engine, drift watch,
+    continuous-training pipeline) and simulated devices running the real agent. The run's
+    database, artifacts, repository and logs go to a fresh directory under <data dir>/demo.
     """
-    from edgeops.demo import run_demo
+    from edgeops.demo import DemoOptions, run_demo
 
     current = settings(dev_mode=True)
-    raise typer.Exit(
-        run_demo(
-            current,
-            devices=devices,
-            headless=headless,
-            timeout_s=timeout,
-            as_json=as_json,
-            console=out,
-        )
+    options = DemoOptions(
+        devices=devices,
+        headless=headless,
+        epochs=epochs,
+        steady_s=steady,
+        gain=gain,
+        offset=offset,
+        samples=samples,
+        timeout_s=timeout,
     )
+    raise typer.Exit(run_demo(current, options, console=out, as_json=as_json))
 
 
 def main(argv: list[str] | None = None) -> int:

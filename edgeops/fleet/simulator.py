@@ -96,6 +96,7 @@ CRASH_AFTER_S = 0.0  # the new model runs this long in ``testing`` before the ag
 RESTART_DELAY_S = 0.3  # a supervisor's restart delay
 START_TIMEOUT_S = 120.0
 MAX_FAILURES = 5  # unexpected agent deaths before a device is given up
+SENSOR_POLL_S = 0.2  # how often a worker looks for a new sensor gain and offset
 
 
 # -- what to simulate ------------------------------------------------------------------------
@@ -130,6 +131,7 @@ class SimSetup:
     rate_hz: float = 2.0
     heartbeat_s: float = 10.0
     window_seconds: float = 10.0
+    raw_sample_rate: float = 0.0
     update_health_s: float = 2.0
     shutdown_grace_s: float = 2.0
     degraded_mix: dict[int, float] = field(default_factory=lambda: {0: 8.0, 1: 8.0})
@@ -342,6 +344,7 @@ def _agent_classes() -> tuple[type[Any], type[BaseException]]:
             self.base_model_id = base
             self.crashed = False
             self._testing_since: float | None = None
+            self.sensor: tuple[float, float] = (1.0, 0.0)  # gain, offset (FleetSimulator)
             if self.fault == FAIL_INSTALL:
                 slots = self.updates.updater.slots
 
@@ -368,6 +371,13 @@ def _agent_classes() -> tuple[type[Any], type[BaseException]]:
         def _start_inference(self, model_dir: Path | None) -> None:
             super()._start_inference(model_dir)
             self._drift()
+            self.set_sensor(*self.sensor)
+
+        def set_sensor(self, gain: float, offset: float) -> None:
+            """The sensor's gain and offset from now on (a recalibration, a dirty lens)."""
+            self.sensor = (gain, offset)
+            if isinstance(self.source, SyntheticSource):
+                self.source.set_drift(gain=gain, offset=offset)
 
         def _swap_champion(self, bundle_dir: Path | None) -> None:
             super()._swap_champion(bundle_dir)
@@ -430,6 +440,7 @@ class _Runner:
         self.crashes = 0
         self.failures = 0  # unexpected deaths (not the simulated crash)
         self.error: str | None = None
+        self.sensor = (1.0, 0.0)  # gain, offset of the device's sensor
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=device.device_id, daemon=True)
 
@@ -450,6 +461,7 @@ class _Runner:
             ),
             heartbeat_s=setup.heartbeat_s,
             window_seconds=setup.window_seconds,
+            raw_sample_rate=setup.raw_sample_rate,
             update_health_s=setup.update_health_s,
             shutdown_grace_s=setup.shutdown_grace_s,
             dev_mode=True,
@@ -481,6 +493,7 @@ class _Runner:
         while not self._stop.is_set():
             try:
                 self.agent = sim_agent(settings, self.device, self.setup, self.base_model_id)
+                self.agent.sensor = self.sensor
                 if self._stop.is_set():
                     return
                 self.agent.run()
@@ -497,6 +510,12 @@ class _Runner:
 
     def start(self) -> None:
         self.thread.start()
+
+    def set_sensor(self, gain: float, offset: float) -> None:
+        self.sensor = (gain, offset)
+        agent = self.agent
+        if agent is not None:
+            agent.set_sensor(gain, offset)
 
     def stop(self) -> None:
         self._stop.set()
@@ -548,8 +567,10 @@ def _worker(
     devices: list[SimDevice],
     out: Any,
     stop: MpEvent,
+    sensor: Any,
 ) -> None:
-    """One worker process: its agents in threads, statuses to ``out`` until ``stop``."""
+    """One worker process: its agents in threads, statuses to ``out`` until ``stop``;
+    ``sensor`` (shared: generation, gain, offset) is applied to every agent when it changes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     logging.basicConfig(level=setup.log_level, format="%(asctime)s %(name)s %(message)s")
     base = _champion_model_id(setup.champion)
@@ -571,6 +592,17 @@ def _worker(
         # spend the machine on empty turns (this process only)
         device_agent.daemon.SAMPLE_BUDGET_S = setup.sample_budget_s
     runners = [_Runner(device, setup, base) for device in devices]
+    generation = 0.0
+
+    def follow_sensor() -> None:
+        nonlocal generation
+        with sensor.get_lock():
+            current, gain, offset = sensor[0], sensor[1], sensor[2]
+        if current != generation:
+            generation = current
+            for runner in runners:
+                runner.set_sensor(gain, offset)
+
     out.put(("started", os.getpid(), len(runners)))
     try:
         # devices boot one after the other (``start_interval_s`` apart in each worker), as
@@ -580,12 +612,16 @@ def _worker(
         for runner in runners:
             if stop.wait(setup.start_interval_s):
                 break
+            follow_sensor()
             runner.start()
             if time.monotonic() - reported >= setup.status_interval_s:
                 out.put(("status", [asdict(r.status()) for r in runners]))
                 reported = time.monotonic()
-        while not stop.wait(setup.status_interval_s):
-            out.put(("status", [asdict(r.status()) for r in runners]))
+        while not stop.wait(min(setup.status_interval_s, SENSOR_POLL_S)):
+            follow_sensor()
+            if time.monotonic() - reported >= setup.status_interval_s:
+                out.put(("status", [asdict(r.status()) for r in runners]))
+                reported = time.monotonic()
     finally:
         for runner in runners:
             runner.stop()
@@ -658,6 +694,7 @@ class FleetSimulator:
         self._ctx = multiprocessing.get_context("spawn")
         self._queue: Any = self._ctx.Queue()
         self._stop = self._ctx.Event()
+        self._sensor: Any = self._ctx.Array("d", [0.0, 1.0, 0.0])  # generation, gain, offset
         self._procs: list[Any] = []
         self._status: dict[str, DeviceStatus] = {
             d.device_id: DeviceStatus(d.device_id, d.fault, False, 0, "starting", None, None, 0, 0)
@@ -673,7 +710,7 @@ class FleetSimulator:
         for index, share in enumerate(shares):
             proc = self._ctx.Process(
                 target=_worker,
-                args=(self.setup, share, self._queue, self._stop),
+                args=(self.setup, share, self._queue, self._stop, self._sensor),
                 name=f"fleet-sim-{index}",
                 daemon=True,
             )
@@ -724,6 +761,18 @@ class FleetSimulator:
                 return snapshot
             if time.monotonic() >= deadline:
                 return None
+
+    def set_sensor(self, gain: float = 1.0, offset: float = 0.0) -> None:
+        """Every device's sensor reads ``x * gain + offset`` from now on (within
+        :data:`SENSOR_POLL_S`): the covariate shift of a fleet-wide recalibration or a new
+        sensor batch. ``gain=1, offset=0`` is the sensor as shipped."""
+        for name, value in (("gain", gain), ("offset", offset)):
+            if not math.isfinite(value):
+                raise ConfigError(f"sensor {name} must be a finite number, got {value}")
+        with self._sensor.get_lock():
+            self._sensor[0] += 1.0
+            self._sensor[1] = float(gain)
+            self._sensor[2] = float(offset)
 
     def rss_bytes(self) -> int:
         """The summed VmRSS of the worker processes."""
