@@ -72,7 +72,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy import stats  # type: ignore[import-untyped]
 
 from device_agent.sketch import ReferenceStats, SketchError
 from device_agent.telemetry import TelemetryWindow
@@ -513,6 +512,8 @@ def _chi2(
     if df < 1:
         return 0.0, 1.0, 0, int(rg.size)
     statistic = float(n * m / (n + m) * np.sum((pg - qg) ** 2 / rg))
+    from scipy import stats  # type: ignore[import-untyped,unused-ignore]  # heavy: first use only
+
     return statistic, float(stats.chi2.sf(statistic, df)), df, int(rg.size)
 
 
@@ -523,6 +524,8 @@ def ks_binned(p: np.ndarray, q: np.ndarray, n: float, m: float) -> tuple[float, 
     gap = float(np.max(np.abs(np.cumsum(p) - np.cumsum(q)))) if p.size else 0.0
     gap = min(1.0, gap)
     scale = math.sqrt(n * m / (n + m))
+    from scipy import stats  # type: ignore[import-untyped,unused-ignore]
+
     return gap, float(min(1.0, stats.kstwobign.sf(scale * gap)))
 
 
