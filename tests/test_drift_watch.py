@@ -383,3 +383,29 @@ def test_an_action_interrupted_by_a_stop_runs_at_the_next_evaluation(
     assert posted["id"] == event.id
     [done] = restarted.events()
     assert done.action_result == {"status": 204}
+
+
+def test_evaluations_older_than_the_retention_are_deleted_but_events_are_kept(
+    database: Database, clock: Clock, fleet: Fleet
+) -> None:
+    watch = DriftService(database, fleet.releases, clock=clock, retention_s=3600)
+    watch.set_policy("digits-mlp", window_s=60)
+    fleet.send("d-1")
+    [old] = watch.evaluate()
+    clock.advance(61)
+    fleet.send("d-1", shift=2.0)
+    [event] = watch.evaluate()
+    clock.advance(3600)
+    fleet.send("d-1", shift=2.0)
+    [new] = watch.evaluate()  # the first evaluation is now older than an hour
+    assert (old.verdict, event.onset, new.onset) == ("no_drift", True, False)
+    assert [e.id for e in watch.events()] == [event.id]
+    [status] = watch.status()
+    assert status.id == new.id
+    with database.session() as session:
+        from sqlmodel import select
+
+        from edgeops.monitor.models import DriftEvaluationRecord
+
+        ids = sorted(r.id for r in session.exec(select(DriftEvaluationRecord)).all())
+    assert ids == [event.id, new.id]

@@ -16,7 +16,8 @@ card's reference (:func:`edgeops.monitor.drift.detect_drift` with the policy's
 :class:`~edgeops.monitor.drift.DriftConfig`). Windows of a model id that no release in the
 repository has are not evaluated (ingest refuses them anyway).
 
-**Events.** Every evaluation is stored (``drift_evaluations``). The first ``drift`` verdict of
+**Events.** Every evaluation is stored (``drift_evaluations``; those that are not events
+are deleted after ``retention_s``, a week by default). The first ``drift`` verdict of
 a release and cohort after a ``no_drift`` one (or after none) is an *onset*, a drift event;
 ``insufficient`` evaluations neither start nor end an episode. The policy's action runs on an
 onset only, so a lasting drift fires it once:
@@ -94,6 +95,7 @@ DEFAULT_WINDOW_S = 600.0
 MAX_WINDOW_S = 7 * 24 * 3600.0
 WEBHOOK_TIMEOUT_S = 5.0
 ACTION_GRACE_S = 60.0  # a pending action older than this was interrupted
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0  # evaluations kept; drift events are kept for good
 
 Clock = Callable[[], datetime]
 
@@ -173,12 +175,14 @@ class DriftService:
         clock: Clock = utcnow,
         notifier: Notifier = post_webhook,
         retrainer: Retrainer | None = None,
+        retention_s: float = DEFAULT_RETENTION_S,
     ) -> None:
         self._db = db
         self._releases = releases
         self._clock = clock
         self._notifier = notifier
         self.retrainer = retrainer
+        self.retention_s = retention_s
 
     # -- policies --------------------------------------------------------------------------
 
@@ -248,6 +252,7 @@ class DriftService:
         now = self._clock()
         policies = {p.model_name: p for p in self.list_policies()}
         self._run_interrupted_actions(now, policies)
+        self._forget(now)
         longest = max([DEFAULT_WINDOW_S, *(p.window_s for p in policies.values())])
         if model_ids is None:
             model_ids = self._recent_models(now - timedelta(seconds=longest))
@@ -369,6 +374,19 @@ class DriftService:
             if view.action is not None:
                 view = self._act(view, policy)
         return view
+
+    def _forget(self, now: datetime) -> int:
+        """Delete evaluations older than ``retention_s`` that are not drift events (an
+        evaluation's report is a few KB; one a minute per release and cohort adds up)."""
+        cutoff = now - timedelta(seconds=self.retention_s)
+        with self._db.session() as session:
+            result = session.exec(
+                sa.delete(DriftEvaluationRecord)
+                .where(col(DriftEvaluationRecord.evaluated_at) < cutoff)
+                .where(sa.not_(col(DriftEvaluationRecord.onset)))
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)
 
     def _run_interrupted_actions(
         self, now: datetime, policies: Mapping[str, DriftPolicyView]
