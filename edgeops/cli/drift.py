@@ -11,8 +11,9 @@
 
 Thin: :class:`edgeops.monitor.watch.DriftService` on the configured database, the releases
 read from the release repository (``<data dir>/trust``). ``edgeops hub serve`` evaluates
-every release on its own (``--drift-interval``); ``check`` runs one evaluation from the
-command line, actions included. A bad policy field is one error line naming it, exit code 2.
+every release on its own (every ``EDGEOPS_DRIFT_INTERVAL_S``, 60 s); ``check`` runs one
+evaluation from the command line, actions included. A bad policy field is one error line
+naming it, exit code 2.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def policy_set(
     ] = 0.005,
     as_json: JsonOption = False,
 ) -> None:
-    """Create or replace a model's drift policy."""
+    """Create or replace a model's drift policy (the whole policy: options not given take
+    their defaults)."""
     from edgeops.monitor.watch import DriftPolicyError
 
     config = {"alpha": alpha, "min_samples": min_samples, "correction": correction}
