@@ -17,13 +17,15 @@ drift -> detection -> retraining -> canary -> promotion, with every part real:
 5. **Drift.** After ``--steady`` seconds every device's sensor changes its gain and offset
    (``--gain``/``--offset``: a fleet-wide recalibration), the moment is recorded.
 6. **Detection.** The drift watch evaluates every ``DRIFT_WINDOW_S``; its first ``drift``
-   verdict is the event, whose ``retrain`` action asks for continuous training. Once
-   ``--samples`` raw samples sent since the drift are stored, the CT pipeline runs: collect
-   them, label them (the simulated oracle, which knows the sensor change as a human labeller
-   looking at the images would), retrain on the reference data plus the new data, compress,
-   evaluate against the champion, register, release, and a canary rollout with quality gates.
-7. **Promotion.** When that rollout has reached every device, the challenger becomes the
-   registry's production version.
+   verdict is the event, whose ``retrain`` action starts the continuous-training pipeline
+   exactly as ``edgeops hub serve`` does (:func:`edgeops.hub.serve._ct_starter`, the
+   policy's parameters): it waits for ``--samples`` raw samples sent since the drift, labels
+   them (the simulated oracle, which sees through the sensor change as a person looking at
+   the images would), retrains on the reference data plus the new data, compresses,
+   evaluates against the champion, registers, releases, and starts a canary rollout with
+   quality gates.
+7. **Promotion.** When that rollout has reached every device, the pipeline makes the
+   challenger the registry's production version.
 
 The timeline printed at the end gives the time from the drift to its detection and to the
 improved model on every device, and the accuracy of the models on the held-out test split
