@@ -231,23 +231,10 @@ class MqttLink:
         client.connect_timeout = connect_timeout_s
         client.max_queued_messages_set(0)
         client.max_inflight_messages_set(100)
-        if endpoint.username is not None:
-            client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls:
-            files = tls or TlsFiles()
-            try:
-                client.tls_set(
-                    ca_certs=str(files.ca_file) if files.ca_file else None,
-                    certfile=str(files.cert_file) if files.cert_file else None,
-                    keyfile=str(files.key_file) if files.key_file else None,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"TLS files for {endpoint.url} cannot be loaded: {exc}") from exc
+        configure_client(client, endpoint, tls)
         # A callable will is asked for a fresh one before every connection attempt, so the
         # will can name the connection it belongs to (the agent stamps it with the time).
         self._will = will
-        client.on_socket_open = _send_small_packets_at_once
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -479,6 +466,26 @@ class MqttLink:
                 log.exception("handler for %s failed; message dropped", msg.topic)
             return
         self._inbox.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+
+
+def configure_client(client: paho.Client, endpoint: MqttEndpoint, tls: TlsFiles | None) -> None:
+    """The endpoint's credentials and TLS files on a paho client, and TCP_NODELAY on its
+    socket (every MQTT client of the project connects this way). ConfigError naming the
+    broker if the TLS files cannot be loaded."""
+    if endpoint.username is not None:
+        client.username_pw_set(endpoint.username, endpoint.password)
+    if endpoint.tls:
+        files = tls or TlsFiles()
+        try:
+            client.tls_set(
+                ca_certs=str(files.ca_file) if files.ca_file else None,
+                certfile=str(files.cert_file) if files.cert_file else None,
+                keyfile=str(files.key_file) if files.key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS files for {endpoint.url} cannot be loaded: {exc}") from exc
+    client.on_socket_open = _send_small_packets_at_once
 
 
 def _send_small_packets_at_once(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -64,8 +64,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import socket
-import ssl
 import threading
 import time
 from collections import Counter
@@ -81,7 +79,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.errors import ProtocolError
-from device_agent.link import MqttEndpoint, TlsFiles
+from device_agent.link import MqttEndpoint, TlsFiles, configure_client
 from device_agent.protocol import (
     QOS,
     Channel,
@@ -547,20 +545,7 @@ class IngestWorker:
         )
         client.manual_ack_set(True)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
-        if endpoint.username is not None:
-            client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls:
-            files = tls or TlsFiles()
-            try:
-                client.tls_set(
-                    ca_certs=str(files.ca_file) if files.ca_file else None,
-                    certfile=str(files.cert_file) if files.cert_file else None,
-                    keyfile=str(files.key_file) if files.key_file else None,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"TLS files for {endpoint.url} cannot be loaded: {exc}") from exc
-        client.on_socket_open = _no_delay
+        configure_client(client, endpoint, tls)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -713,11 +698,6 @@ class IngestWorker:
         self._inbox.put(
             _Delivery(self._generation, msg.mid, msg.qos, msg.topic, bytes(msg.payload))
         )
-
-
-def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # -- worker processes --------------------------------------------------------------------------
