@@ -37,3 +37,11 @@ def write_and_report(out: Path, name: str, document: dict[str, Any], markdown: s
     write_results(out, name, document, markdown)
     met = sum(target["met"] for target in document["targets"])
     print(f"{met}/{len(document['targets'])} targets met; see {out / f'{name}.md'}")
+
+
+def targets_table(targets: list[dict[str, Any]]) -> list[str]:
+    """The Markdown table of a benchmark's targets (``target``, ``text``, ``met`` each)."""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for t in targets:
+        lines.append(f"| {t['target']} | {t['text']} | {'yes' if t['met'] else '**no**'} |")
+    return lines

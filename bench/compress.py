@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _results import run_meta, write_and_report
+from _results import run_meta, targets_table, write_and_report
 
 from edgeops.compress import CompressService, load_profiles, mark_candidates
 from edgeops.compress.search import Candidate
@@ -412,11 +412,8 @@ def markdown(document: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        "| target | measured | met |",
-        "|---|---|---|",
+        *targets_table(document["targets"]),
     ]
-    for t in document["targets"]:
-        lines.append(f"| {t['target']} | {t['text']} | {'yes' if t['met'] else '**no**'} |")
     lines += [
         "",
         "## Models",

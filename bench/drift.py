@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _results import run_meta, write_and_report
+from _results import run_meta, targets_table, write_and_report
 
 from device_agent.sketch import ReferenceStats
 from device_agent.telemetry import TelemetryWindow, WindowAggregator
@@ -394,11 +394,8 @@ def markdown(document: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        "| target | measured | met |",
-        "|---|---|---|",
+        *targets_table(document["targets"]),
     ]
-    for t in document["targets"]:
-        lines.append(f"| {t['target']} | {t['text']} | {'yes' if t['met'] else '**no**'} |")
     lines += [
         "",
         "## False alarms on unshifted held-out windows",

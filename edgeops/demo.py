@@ -474,31 +474,26 @@ def _evaluations(database: Any, verdict: str) -> int:
 
 
 class _HubThreads:
-    """The bridge's pump, the engine's tick and the watch's evaluations, in threads."""
+    """The bridge's pump, the engine's tick and the watch's evaluations, in threads (as
+    ``edgeops hub serve`` runs them: :func:`edgeops.hub.serve.run_every`)."""
 
     def __init__(self, bridge: Any, engine: RolloutEngine, watch: Any) -> None:
+        self.bridge, self.engine, self.watch = bridge, engine, watch
         self.stop_event = threading.Event()
-        self.threads = [
-            threading.Thread(target=bridge.run, args=(self.stop_event,), name="demo-bridge"),
-            threading.Thread(target=self._every, args=(TICK_S, engine.tick), name="demo-engine"),
-            threading.Thread(
-                target=self._every, args=(DRIFT_WINDOW_S, watch.evaluate), name="demo-drift"
-            ),
-        ]
-
-    def _every(self, period_s: float, work: Callable[[], Any]) -> None:
-        while not self.stop_event.wait(period_s):
-            try:
-                work()
-            except Exception:  # logged; the hub carries on, as hub serve does
-                import logging
-
-                logging.getLogger(__name__).exception("%s failed; trying again", work)
+        self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for thread in self.threads:
-            thread.daemon = True
-            thread.start()
+        from edgeops.hub.serve import run_every
+
+        pump = threading.Thread(
+            target=self.bridge.run, args=(self.stop_event,), name="demo-bridge", daemon=True
+        )
+        pump.start()
+        self.threads = [
+            pump,
+            run_every(TICK_S, self.engine.tick, self.stop_event, "demo-engine"),
+            run_every(DRIFT_WINDOW_S, self.watch.evaluate, self.stop_event, "demo-drift"),
+        ]
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -144,16 +145,7 @@ def _start_rollouts(
     publisher.start()
     engine = RolloutEngine(database, publisher, repository=repository_for(settings))
 
-    def tick() -> None:
-        while not stop.wait(ROLLOUT_TICK_S):
-            try:
-                engine.tick()
-            except Exception:
-                log.exception("rollout tick failed; trying again")
-
-    thread = threading.Thread(target=tick, name="hub-rollouts", daemon=True)
-    thread.start()
-    return publisher, thread
+    return publisher, run_every(ROLLOUT_TICK_S, engine.tick, stop, "hub-rollouts")
 
 
 def _start_drift_watch(
@@ -169,27 +161,39 @@ def _start_drift_watch(
     watch.retrainer = _ct_starter(runner, watch)
 
     def resume() -> None:
-        # runs a hub left unfinished (a restart, or a run whose thread died) carry on here,
-        # at start and then every RESUME_INTERVAL_S; a resumed run works in this thread only
-        while True:
-            try:
-                for run_id in runner.resume():
-                    log.info("pipeline run %s resumed", run_id)
-            except Exception:
-                log.exception("resuming pipeline runs failed; trying again")
-            if stop.wait(RESUME_INTERVAL_S):
-                return
+        for run_id in runner.resume():
+            log.info("pipeline run %s resumed", run_id)
 
-    threading.Thread(target=resume, name="hub-pipelines", daemon=True).start()
+    # runs a hub left unfinished (a restart, or a run whose thread died) carry on at start
+    # and then every RESUME_INTERVAL_S; a resumed run works in that thread only
+    run_every(RESUME_INTERVAL_S, resume, stop, "hub-pipelines", first=True)
+    return run_every(settings.drift_interval_s, watch.evaluate, stop, "hub-drift")
 
-    def evaluate() -> None:
-        while not stop.wait(settings.drift_interval_s):
-            try:
-                watch.evaluate()
-            except Exception:
-                log.exception("drift evaluation failed; trying again")
 
-    thread = threading.Thread(target=evaluate, name="hub-drift", daemon=True)
+def run_every(
+    period_s: float,
+    work: Callable[[], object],
+    stop: threading.Event,
+    name: str,
+    *,
+    first: bool = False,
+) -> threading.Thread:
+    """A daemon thread calling ``work`` every ``period_s`` (and at once if ``first``) until
+    ``stop`` is set; an exception is logged and the next turn comes as usual."""
+
+    def loop() -> None:
+        if first:
+            turn()
+        while not stop.wait(period_s):
+            turn()
+
+    def turn() -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("%s: turn failed; trying again", name)
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     return thread
 
