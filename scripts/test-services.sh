@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Installs (apt-get, as root) and starts what the test suite needs when it is missing:
-# the Mosquitto binary (tests start private brokers from deploy/mosquitto/mosquitto.conf)
-# and a PostgreSQL server on 127.0.0.1:5432 (EDGEOPS_TEST_POSTGRES_URL overrides it).
+# the Mosquitto binary (tests start private brokers from deploy/mosquitto/mosquitto.conf),
+# a PostgreSQL server on 127.0.0.1:5432 (EDGEOPS_TEST_POSTGRES_URL overrides it), and the
+# Cortex-M toolchain the firmware tests build with (arm-none-eabi-gcc with newlib, QEMU).
 set -euo pipefail
 
 apt_updated=0
-need_pkg() {  # need_pkg COMMAND PACKAGE...
-  if command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; then return 0; fi
-  shift
+install_pkgs() {  # install_pkgs PACKAGE...
   if [ "$(id -u)" != 0 ]; then
     echo "test-services: $* missing and not root: install them (apt-get install $*)" >&2
     exit 1
@@ -16,9 +15,22 @@ need_pkg() {  # need_pkg COMMAND PACKAGE...
   echo "test-services: installing $*"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
+need_pkg() {  # need_pkg COMMAND PACKAGE...
+  if command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; then return 0; fi
+  shift
+  install_pkgs "$@"
+}
 
 need_pkg mosquitto mosquitto
 need_pkg pg_isready postgresql postgresql-client
+need_pkg arm-none-eabi-gcc gcc-arm-none-eabi libnewlib-arm-none-eabi
+need_pkg qemu-system-arm qemu-system-arm
+need_pkg g++ g++
+# newlib is a package of its own: the cross compiler may be there without it
+if [ ! -e "$(arm-none-eabi-gcc -print-file-name=libc_nano.a)" ] \
+  && [ ! -d /usr/lib/arm-none-eabi/newlib ]; then
+  install_pkgs libnewlib-arm-none-eabi
+fi
 
 if [ -z "${EDGEOPS_TEST_POSTGRES_URL:-}" ]; then
   if ! pg_isready -q -h 127.0.0.1 -p 5432; then

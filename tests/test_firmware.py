@@ -1,11 +1,13 @@
-"""MCU code generation: int8 .tflite to C99, compiled with the host gcc under -Werror and
-compared byte for byte with the tflite-micro interpreter on at least 100 inputs per model.
+"""MCU code generation: int8 .tflite to C99, compiled with the host gcc and for the Cortex-M3
+(arm-none-eabi-gcc, run under QEMU's mps2-an385) under -Werror, and compared byte for byte
+with the tflite-micro interpreter on at least 100 inputs per model.
 
-Models: the digits ``mlp`` and ``cnn`` of the zoo (trained one epoch, compressed to int8 by
-the hub's services) and small random Keras models converted to full int8 with a
-representative dataset, which between them use every kernel: strides, SAME and VALID
-padding, dilation, depth multipliers, per-channel and per-tensor scales, fused RELU/RELU6,
-odd sizes, broadcasting, constant operands, and the SHAPE/STRIDED_SLICE/PACK arithmetic of a
+Models: every architecture of the zoo (trained one epoch on a built-in dataset, compressed
+to full int8 by the hub's CompressService; :data:`ZOO_RECIPES`) and small random Keras models
+converted to full int8 with a representative dataset, which between them use every kernel:
+strides, SAME and VALID padding, dilation, depth multipliers, per-channel and per-tensor
+scales, fused RELU/RELU6, odd sizes, broadcasting, constant operands, SPACE_TO_BATCH_ND and
+BATCH_TO_SPACE_ND with paddings and crops, and the SHAPE/STRIDED_SLICE/PACK arithmetic of a
 Keras Reshape with a dynamic batch, folded at generation time.
 """
 
@@ -30,14 +32,34 @@ from edgeops.firmware import (
 from edgeops.firmware.conformance import check_conformance, random_inputs
 from edgeops.firmware.graph import read_tflite
 from tests.clitools import assert_one_line_error, run_cli
+from tests.test_firmware_cortexm import require_cortex_m_toolchain
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs the host gcc")
 
 SAMPLES = 128
+CONFORMANCE_TARGETS = ("host", "mps2-an385")
+"""Where every model's library runs against TFLM: the host build and the Cortex-M3 under QEMU."""
+
+ZOO_RECIPES: dict[str, tuple[str, float]] = {
+    "mlp": ("digits", 1.0),
+    "cnn": ("digits", 1.0),
+    "ds-cnn": ("digits", 0.25),
+    "mobilenet": ("digits", 0.25),
+    "cnn1d": ("basic_motions", 0.25),
+    "autoencoder": ("digits", 0.25),
+}
+"""Architecture: (built-in dataset, width). Each is trained one epoch (seed 0) and compressed
+to full int8 with a loss limit no variant can miss, so the int8 fallback policy (QAT, 16x8)
+never runs."""
 
 
 def _convert(
-    model: Any, shape: tuple[int, ...], *, per_channel: bool = True, dynamic: bool = False
+    model: Any,
+    shape: tuple[int, ...],
+    *,
+    per_channel: bool = True,
+    dynamic: bool = False,
+    float_output: bool = False,
 ) -> bytes:
     """``model`` as a full-integer int8 .tflite, calibrated on seeded random inputs."""
     from edgeops._tf import load_tf, native_stderr_silenced
@@ -61,7 +83,7 @@ def _convert(
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
+    converter.inference_output_type = tf.float32 if float_output else tf.int8
     if not per_channel:
         converter._experimental_disable_per_channel = True
     with native_stderr_silenced():
@@ -129,12 +151,37 @@ def _broadcast_model(keras: Any) -> Any:
     return keras.Model(inputs, layers.Dense(4)(layers.Flatten()(c)))
 
 
+def _space_to_batch_model(keras: Any) -> Any:
+    """Explicit SPACE_TO_BATCH_ND and BATCH_TO_SPACE_ND around convolutions (the converter
+    keeps them: no single dilated convolution replaces the pair), with paddings, crops,
+    unequal block sizes and rank 3. The padded tensors have non-zero zero points, so the
+    pad value TFLM uses (int8 0, not the zero point) shows in the outputs."""
+    import tensorflow as tf
+
+    layers = keras.layers
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((10, 9, 3))
+    x = layers.Lambda(lambda t: tf.space_to_batch_nd(t, [2, 3], [[2, 2], [1, 2]]))(inputs)
+    x = layers.DepthwiseConv2D(3, activation="relu")(x)
+    x = layers.Conv2D(4, 1)(x)
+    x = layers.Lambda(lambda t: tf.batch_to_space(t, [2, 3], [[1, 0], [0, 2]]))(x)
+    x = layers.Lambda(lambda t: tf.space_to_batch_nd(t, [2, 2], [[1, 0], [1, 1]]))(x)
+    x = layers.Conv2D(3, 2, activation="relu")(x)
+    x = layers.Lambda(lambda t: tf.batch_to_space(t, [2, 2], [[0, 0], [0, 0]]))(x)
+    x = layers.Reshape((8, 12))(x)  # rank 3: NHC
+    x = layers.Lambda(lambda t: tf.space_to_batch_nd(t, [2], [[1, 1]]))(x)
+    x = layers.MaxPooling1D(2, strides=1)(x)
+    x = layers.Lambda(lambda t: tf.batch_to_space(t, [2], [[0, 1]]))(x)
+    return keras.Model(inputs, layers.Dense(5)(layers.Flatten()(x)))
+
+
 RANDOM_MODELS: dict[str, tuple[Callable[[Any], Any], tuple[int, ...], dict[str, bool]]] = {
     "conv-per-channel": (_conv_model, (9, 11, 3), {}),
     "conv-per-tensor": (_conv_model, (9, 11, 3), {"per_channel": False}),
     "dilated": (_dilated_model, (10, 10, 2), {}),
     "elementwise": (_elementwise_model, (16,), {"dynamic": True}),
     "broadcast": (_broadcast_model, (4, 5, 3), {}),
+    "space-to-batch": (_space_to_batch_model, (10, 9, 3), {}),
 }
 
 
@@ -149,9 +196,10 @@ def random_models() -> dict[str, bytes]:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The digits mlp and cnn, one epoch each, compressed to int8, in a data dir of their own."""
+    """Every zoo architecture per :data:`ZOO_RECIPES`, one epoch each, compressed to int8, in
+    a data dir of their own."""
     from edgeops.compress import CompressService
     from edgeops.hub.stores import open_stores
     from edgeops.train import TrainService
@@ -159,15 +207,23 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("firmware-zoo")
     with open_stores(f"sqlite:///{root / 'edgeops.db'}", root / "artifacts") as stores:
         datasets, registry = stores.datasets(), stores.registry()
-        datasets.register_builtin("digits")
+        for dataset in sorted({dataset for dataset, _ in ZOO_RECIPES.values()}):
+            datasets.register_builtin(dataset)
         found: dict[str, Any] = {"data_dir": root}
-        for arch in ("mlp", "cnn"):
+        for arch, (dataset, width) in ZOO_RECIPES.items():
             keras = TrainService(datasets, registry).train(
-                "digits", arch, epochs=1, seed=0, progress=False, evaluate_on_runtime=False
+                dataset,
+                arch,
+                epochs=1,
+                seed=0,
+                width=width,
+                progress=False,
+                evaluate_on_runtime=False,
             )
             int8 = CompressService(datasets, registry).compress(
-                keras.id, quantize="int8", progress=False
+                keras.id, quantize="int8", max_loss_pp=100.0, progress=False
             )
+            assert int8.config["compression"]["quantization"] == "int8"
             found[arch] = (int8.id, registry.load_artifact(int8.id))
             found[f"keras_{arch}"] = keras.id
         arrays = datasets.load("digits")
@@ -176,22 +232,39 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def _assert_bit_exact(
-    tflite: bytes, tmp_path: Path, *, empty_arena: bool = False
+    tflite: bytes, tmp_path: Path, *, empty_arena: bool = False, target: str = "host"
 ) -> tuple[str, ...]:
+    if target != "host":
+        require_cortex_m_toolchain()
     graph = read_tflite(tflite)
     size = graph.tensor(graph.inputs[0]).size
-    report = check_conformance(tflite, random_inputs(size, SAMPLES, seed=7), workdir=tmp_path)
-    assert report.samples == SAMPLES
+    report = check_conformance(
+        tflite, random_inputs(size, SAMPLES, seed=7), workdir=tmp_path, target=target
+    )
+    assert report.samples == SAMPLES and report.target == target
     assert report.bit_exact, report.to_dict()
+    assert (report.instructions_per_inference is not None) == (target != "host")
     assert report.arena_bytes <= report.tflm_arena_bytes
     assert (report.arena_bytes == 0) == empty_arena
     return report.ops
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_zoo_model_is_bit_exact_with_tflm(zoo: dict[str, Any], arch: str, tmp_path: Path) -> None:
-    ops = _assert_bit_exact(zoo[arch][1], tmp_path)
-    assert "FULLY_CONNECTED" in ops and ops[-1] == "SOFTMAX"
+def test_zoo_recipes_cover_every_architecture() -> None:
+    from edgeops.train.zoo import ARCHITECTURES
+
+    assert sorted(ZOO_RECIPES) == sorted(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("target", CONFORMANCE_TARGETS)
+@pytest.mark.parametrize("arch", list(ZOO_RECIPES))
+def test_zoo_model_is_bit_exact_with_tflm(
+    zoo: dict[str, Any], arch: str, target: str, tmp_path: Path
+) -> None:
+    ops = _assert_bit_exact(zoo[arch][1], tmp_path, target=target)
+    assert "FULLY_CONNECTED" in ops
+    assert ops[-1] == ("FULLY_CONNECTED" if arch == "autoencoder" else "SOFTMAX")
+    if arch in ("ds-cnn", "mobilenet"):
+        assert {"DEPTHWISE_CONV_2D", "MEAN"} <= set(ops)
 
 
 def test_real_digits_inputs_give_varied_outputs(zoo: dict[str, Any], tmp_path: Path) -> None:
@@ -213,11 +286,12 @@ def test_real_digits_inputs_give_varied_outputs(zoo: dict[str, Any], tmp_path: P
     assert len(set(np.argmax(ours, axis=1).tolist())) > 3
 
 
+@pytest.mark.parametrize("target", CONFORMANCE_TARGETS)
 @pytest.mark.parametrize("name", sorted(RANDOM_MODELS))
 def test_random_model_is_bit_exact_with_tflm(
-    random_models: dict[str, bytes], name: str, tmp_path: Path
+    random_models: dict[str, bytes], name: str, target: str, tmp_path: Path
 ) -> None:
-    _assert_bit_exact(random_models[name], tmp_path)
+    _assert_bit_exact(random_models[name], tmp_path, target=target)
 
 
 def test_random_models_cover_every_kernel(random_models: dict[str, bytes]) -> None:
@@ -246,6 +320,19 @@ def test_random_models_cover_every_kernel(random_models: dict[str, bytes]) -> No
                 in_c = graph.tensor(op.inputs[0]).shape[-1]
                 if graph.tensor(op.outputs[0]).shape[-1] > in_c:
                     options.add("depth-multiplier")
+            if op.op in ("SPACE_TO_BATCH_ND", "BATCH_TO_SPACE_ND"):
+                margins = graph.tensor(op.inputs[2]).data
+                assert margins is not None
+                block = graph.tensor(op.inputs[1]).data
+                assert block is not None
+                if margins.any():
+                    options.add(f"{op.op}:margins")
+                if len(set(block.tolist())) > 1:
+                    options.add(f"{op.op}:unequal-block")
+                if len(graph.tensor(op.inputs[0]).shape) == 3:
+                    options.add(f"{op.op}:rank-3")
+                if op.op == "SPACE_TO_BATCH_ND" and graph.tensor(op.inputs[0]).zero_point:
+                    options.add("SPACE_TO_BATCH_ND:pad-value-matters")
             if op.op in ("ADD", "MUL"):
                 a, b = (graph.tensor(i) for i in op.inputs[:2])
                 if a.shape != b.shape:
@@ -270,6 +357,8 @@ def test_random_models_cover_every_kernel(random_models: dict[str, bytes]) -> No
         "CONCATENATION",
         "PAD",
         "QUANTIZE",
+        "SPACE_TO_BATCH_ND",
+        "BATCH_TO_SPACE_ND",
     } <= ops
     assert {
         "CONV_2D:stride",
@@ -294,6 +383,13 @@ def test_random_models_cover_every_kernel(random_models: dict[str, bytes]) -> No
         "depth-multiplier",
         "MUL:broadcast",
         "ADD:constant",
+        "SPACE_TO_BATCH_ND:margins",
+        "SPACE_TO_BATCH_ND:unequal-block",
+        "SPACE_TO_BATCH_ND:pad-value-matters",
+        "BATCH_TO_SPACE_ND:margins",
+        "BATCH_TO_SPACE_ND:unequal-block",
+        "SPACE_TO_BATCH_ND:rank-3",
+        "BATCH_TO_SPACE_ND:rank-3",
     } <= options
     assert {"SHAPE", "STRIDED_SLICE", "PACK"} <= folded
 
@@ -354,6 +450,26 @@ def test_float_model_is_refused(tmp_path: Path) -> None:
         generate(float_tflite, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_float_output_made_by_dequantize_is_refused(tmp_path: Path) -> None:
+    """Asking the converter for a float output ends the model in DEQUANTIZE; the library's
+    interface is int8 in and out, so it is refused with the conversion that fixes it."""
+    from edgeops._tf import load_tf
+
+    _, keras = load_tf()
+    keras.utils.set_random_seed(8)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    tflite = _convert(model, (4,), float_output=True)
+    with pytest.raises(FloatModelError, match=r"DEQUANTIZE \(#1\)") as caught:
+        generate_sources(tflite)
+    assert "inference_output_type=tf.int8" in str(caught.value)
+    result = run_cli(
+        "edgeops", "firmware", "generate", "--tflite", str(_write(tmp_path, tflite)),
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert_one_line_error(result, "DEQUANTIZE", "inference_output_type=tf.int8")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_operator_is_named_at_generation_time(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
 """``edgeops firmware generate``: an int8 model as an interpreter-free C99 library.
 
     edgeops firmware generate --model digits-cnn:2 --target host --out build/cnn
-    edgeops firmware generate --tflite model.tflite --target host --out build/model [--json]
+    edgeops firmware generate --tflite model.tflite --target mps2-an385 --out build/m3 [--json]
+    edgeops firmware generate --tflite model.tflite --target zephyr --flash-bytes 524288 ...
 
 Thin: reads the .tflite (from the registry or a file), calls :func:`edgeops.firmware.generate`
-(which writes the directory atomically) and prints the arena bytes and the operators.
+(which checks the target's flash and RAM limits, then writes the directory atomically) and
+prints the arena bytes, the operators and the project files written.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from typing import Annotated
 import typer
 
 __all__ = ["firmware_app"]
+
+_TARGET_HELP = (
+    "target: host (the library alone), mps2-an385 (Cortex-M3 under QEMU), mps2-an386 "
+    "(Cortex-M4 under QEMU), zephyr, arduino, esp-idf"
+)
 
 firmware_app = typer.Typer(
     help="Generate C code for microcontrollers from int8 models.", no_args_is_help=True
@@ -49,16 +56,28 @@ def generate_command(
         Path | None,
         typer.Option("--tflite", help="a full-integer int8 .tflite file", dir_okay=False),
     ] = None,
-    target: Annotated[str, typer.Option(help="target: host (the library alone)")] = "host",
+    target: Annotated[str, typer.Option(help=_TARGET_HELP)] = "host",
+    flash_bytes: Annotated[
+        int | None,
+        typer.Option("--flash-bytes", help="flash limit in bytes instead of the target's"),
+    ] = None,
+    ram_bytes: Annotated[
+        int | None, typer.Option("--ram-bytes", help="RAM limit in bytes instead of the target's")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
 ) -> None:
     """Write the model as a C99 library: weights as const arrays, a static arena planned at
-    generation time, integer kernels bit-exact with TFLite Micro."""
+    generation time, integer kernels bit-exact with TFLite Micro; for a target other than
+    host, also its project (bare-metal QEMU harness, Zephyr app, Arduino library and sketch,
+    ESP-IDF component)."""
     from edgeops.cli.main import print_json
     from edgeops.firmware import FirmwareError, generate
+    from edgeops.firmware.targets import Limits, get_target
 
     if (model is None) == (tflite is None):
         raise typer.BadParameter("give exactly one of --model and --tflite")
+    chosen = get_target(target)
+    limits = Limits(flash_bytes=flash_bytes, ram_bytes=ram_bytes)
     if tflite is not None:
         try:
             flatbuffer = tflite.read_bytes()
@@ -67,13 +86,21 @@ def generate_command(
     else:
         assert model is not None
         flatbuffer = _registry_tflite(model)
-    library = generate(flatbuffer, out_dir, target=target)
+    library = generate(flatbuffer, out_dir, target=chosen.name, limits=limits)
     if as_json:
         print_json({**library.summary(), "out": str(out_dir), "target": target})
         return
     typer.echo(f"wrote {out_dir} (target {target})")
+    typer.echo(f"target: {chosen.description}")
     typer.echo(f"arena: {library.arena_bytes} bytes")
     typer.echo(f"input: {library.input_size} int8, output: {library.output_size} int8")
     typer.echo(f"ops ({len(library.ops)}): {', '.join(library.ops)}")
     if library.folded:
         typer.echo(f"folded at generation time: {', '.join(library.folded)}")
+    if library.usage is not None:
+        typer.echo(
+            f"estimated: {library.usage.flash_bytes:,} bytes of flash, "
+            f"{library.usage.ram_bytes:,} bytes of RAM"
+        )
+    if library.project_files:
+        typer.echo(f"project files: {', '.join(library.project_files)}")

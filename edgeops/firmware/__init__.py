@@ -5,15 +5,24 @@
 
 See ``docs/firmware.md``: the graph reader and shape folding (:mod:`.graph`), the kernels'
 generation-time arithmetic (:mod:`.quant`, :mod:`.lower`), the static memory plan
-(:mod:`.plan`), the emitter (:mod:`.emit`) and the conformance harness against the
-tflite-micro interpreter (:mod:`.conformance`).
+(:mod:`.plan`), the targets and their flash/RAM limits (:mod:`.targets`), the emitter and
+project templates (:mod:`.emit`), the Cortex-M build, footprint and QEMU run
+(:mod:`.cortexm`) and the conformance harness against the tflite-micro interpreter
+(:mod:`.conformance`).
 """
 
 from __future__ import annotations
 
 from edgeops.firmware.emit import TARGETS, GeneratedLibrary, generate, generate_sources
-from edgeops.firmware.errors import FirmwareError, FloatModelError, UnsupportedModelError
+from edgeops.firmware.errors import (
+    FirmwareError,
+    FloatModelError,
+    TargetLimitError,
+    ToolchainMissingError,
+    UnsupportedModelError,
+)
 from edgeops.firmware.lower import SUPPORTED_OPS
+from edgeops.firmware.targets import Limits
 
 __all__ = [
     "SUPPORTED_OPS",
@@ -21,6 +30,9 @@ __all__ = [
     "FirmwareError",
     "FloatModelError",
     "GeneratedLibrary",
+    "Limits",
+    "TargetLimitError",
+    "ToolchainMissingError",
     "UnsupportedModelError",
     "generate",
     "generate_sources",

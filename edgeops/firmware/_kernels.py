@@ -56,6 +56,12 @@ typedef struct {
     int32_t pad_value;
 } eo_pad_params;
 
+/* SPACE_TO_BATCH_ND and BATCH_TO_SPACE_ND on NHWC: top/left are the paddings (crops). */
+typedef struct {
+    int32_t in_batches, in_h, in_w, depth, out_batches, out_h, out_w;
+    int32_t block_h, block_w, top, left, pad_value;
+} eo_space_batch_params;
+
 int32_t eo_srdhm(int32_t a, int32_t b);
 int32_t eo_rdbpot(int32_t x, int32_t exponent);
 int32_t eo_mbqm(int32_t x, int32_t multiplier, int32_t shift);
@@ -91,6 +97,8 @@ void eo_requantize(int32_t size, int32_t input_zp, int32_t multiplier, int32_t s
 void eo_concat(int32_t outer, int32_t count, const int8_t *const *inputs,
                const int32_t *copy_sizes, int8_t *output);
 void eo_pad(const eo_pad_params *p, const int8_t *input, int8_t *output);
+void eo_space_to_batch(const eo_space_batch_params *p, const int8_t *input, int8_t *output);
+void eo_batch_to_space(const eo_space_batch_params *p, const int8_t *input, int8_t *output);
 void eo_copy(int32_t size, const int8_t *input, int8_t *output);
 
 #endif /* EDGEOPS_KERNELS_H */
@@ -625,6 +633,63 @@ void eo_pad(const eo_pad_params *p, const int8_t *input, int8_t *output) {
                             input[((i0 * p->in_dims[1] + i1) * p->in_dims[2] + i2) *
                                       p->in_dims[3] + i3];
                     }
+                }
+            }
+        }
+    }
+}
+
+/* Output batch ob holds the block offset (ob / in_batches) of input batch ob % in_batches;
+ * positions that fall into the padding get pad_value. */
+void eo_space_to_batch(const eo_space_batch_params *p, const int8_t *input, int8_t *output) {
+    int32_t ob, oy, ox, c;
+    for (ob = 0; ob < p->out_batches; ++ob) {
+        const int32_t b = ob % p->in_batches;
+        const int32_t offset_h = (ob / p->in_batches) / p->block_w;
+        const int32_t offset_w = (ob / p->in_batches) % p->block_w;
+        for (oy = 0; oy < p->out_h; ++oy) {
+            const int32_t y = oy * p->block_h + offset_h - p->top;
+            for (ox = 0; ox < p->out_w; ++ox) {
+                const int32_t x = ox * p->block_w + offset_w - p->left;
+                int8_t *out = output + ((ob * p->out_h + oy) * p->out_w + ox) * p->depth;
+                if (y < 0 || y >= p->in_h || x < 0 || x >= p->in_w) {
+                    for (c = 0; c < p->depth; ++c) {
+                        out[c] = (int8_t)p->pad_value;
+                    }
+                } else {
+                    const int8_t *in = input + ((b * p->in_h + y) * p->in_w + x) * p->depth;
+                    for (c = 0; c < p->depth; ++c) {
+                        out[c] = in[c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* The inverse: input batch ib goes to output batch ib % out_batches at block offset
+ * ib / out_batches; positions cropped away are dropped. */
+void eo_batch_to_space(const eo_space_batch_params *p, const int8_t *input, int8_t *output) {
+    int32_t ib, iy, ix, c;
+    for (ib = 0; ib < p->in_batches; ++ib) {
+        const int32_t b = ib % p->out_batches;
+        const int32_t offset_h = (ib / p->out_batches) / p->block_w;
+        const int32_t offset_w = (ib / p->out_batches) % p->block_w;
+        for (iy = 0; iy < p->in_h; ++iy) {
+            const int32_t y = iy * p->block_h + offset_h - p->top;
+            if (y < 0 || y >= p->out_h) {
+                continue;
+            }
+            for (ix = 0; ix < p->in_w; ++ix) {
+                const int32_t x = ix * p->block_w + offset_w - p->left;
+                const int8_t *in = input + ((ib * p->in_h + iy) * p->in_w + ix) * p->depth;
+                int8_t *out;
+                if (x < 0 || x >= p->out_w) {
+                    continue;
+                }
+                out = output + ((b * p->out_h + y) * p->out_w + x) * p->depth;
+                for (c = 0; c < p->depth; ++c) {
+                    out[c] = in[c];
                 }
             }
         }

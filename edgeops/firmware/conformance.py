@@ -1,10 +1,14 @@
-"""Conformance: the generated C, compiled for the host, against the tflite-micro interpreter.
+"""Conformance: the generated C, compiled for the host or for Cortex-M under QEMU, against
+the tflite-micro interpreter.
 
 :func:`build_host` compiles a generated library with a small ``main`` that reads int8 input
 tensors from stdin until end of file and writes each output tensor to stdout, with the
 strict flags of :data:`HOST_CFLAGS`; a warning fails the build. :func:`check_conformance`
 feeds the same inputs to that program and to TFLM (:func:`edgeops.evaluate.tflm.tflm_run`,
-one invoke per sample) and compares the outputs byte for byte.
+one invoke per sample) and compares the outputs byte for byte. With ``target`` set to
+``mps2-an385`` (Cortex-M3) or ``mps2-an386`` (Cortex-M4) the library is cross-built with
+the bare-metal harness instead and run under QEMU (:mod:`edgeops.firmware.cortexm`), which
+also gives the instructions per inference.
 """
 
 from __future__ import annotations
@@ -20,25 +24,19 @@ import numpy as np
 
 from edgeops.firmware.emit import generate
 from edgeops.firmware.errors import FirmwareError
+from edgeops.firmware.targets import C_FLAGS
 
 __all__ = [
     "HOST_CFLAGS",
     "ConformanceReport",
+    "as_samples",
     "build_host",
     "check_conformance",
     "random_inputs",
     "run_host",
 ]
 
-HOST_CFLAGS = (
-    "-std=c99",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    "-Wconversion",
-    "-Wdouble-promotion",
-    "-O2",
-)
+HOST_CFLAGS = C_FLAGS
 BUILD_TIMEOUT_S = 120.0
 RUN_TIMEOUT_S = 120.0
 
@@ -71,27 +69,29 @@ def _compiler(cc: str) -> str:
 
 
 def build_host(library_dir: Path, executable: Path, *, cc: str = "gcc") -> Path:
-    """Compile the library in ``library_dir`` with the harness into ``executable``."""
+    """Compile the library in ``library_dir`` with the harness into ``executable`` (the
+    harness's source goes to a scratch directory: ``library_dir`` is left as it is)."""
     library_dir = Path(library_dir)
-    main = library_dir / "edgeops_host_main.c"
-    main.write_text(MAIN_C, encoding="utf-8")
-    command = [
-        _compiler(cc),
-        *HOST_CFLAGS,
-        "-I",
-        str(library_dir),
-        str(library_dir / "edgeops_model.c"),
-        str(library_dir / "edgeops_kernels.c"),
-        str(main),
-        "-o",
-        str(executable),
-    ]
-    try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise FirmwareError(f"{cc} did not finish within {BUILD_TIMEOUT_S:.0f} s") from None
+    with tempfile.TemporaryDirectory(prefix="edgeops-host-main-") as scratch:
+        main = Path(scratch) / "edgeops_host_main.c"
+        main.write_text(MAIN_C, encoding="utf-8")
+        command = [
+            _compiler(cc),
+            *HOST_CFLAGS,
+            "-I",
+            str(library_dir),
+            str(library_dir / "edgeops_model.c"),
+            str(library_dir / "edgeops_kernels.c"),
+            str(main),
+            "-o",
+            str(executable),
+        ]
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise FirmwareError(f"{cc} did not finish within {BUILD_TIMEOUT_S:.0f} s") from None
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines()
         raise FirmwareError(f"{cc} failed on the generated library: {' | '.join(lines[:6])}")
@@ -121,6 +121,17 @@ def run_host(executable: Path, inputs: np.ndarray, output_size: int) -> np.ndarr
     return out.reshape(len(batch), output_size)
 
 
+def as_samples(inputs: np.ndarray, input_size: int) -> np.ndarray:
+    """``inputs`` as int8 rows of ``input_size`` values; FirmwareError unless they hold whole
+    samples (at least one)."""
+    batch = np.asarray(inputs, dtype=np.int8)
+    if batch.size == 0 or batch.size % input_size != 0:
+        raise FirmwareError(
+            f"inputs hold {batch.size} values; expected whole samples of {input_size} int8 values"
+        )
+    return batch.reshape(-1, input_size)
+
+
 def random_inputs(size: int, count: int, seed: int = 0) -> np.ndarray:
     """``count`` int8 input tensors of ``size`` values, uniform over the whole int8 range."""
     rng = np.random.default_rng(seed)
@@ -136,6 +147,9 @@ class ConformanceReport:
     arena_bytes: int
     tflm_arena_bytes: int
     ops: tuple[str, ...]
+    target: str = "host"
+    instructions_per_inference: int | None = None
+    """Under QEMU only (``-icount shift=0``); None on the host."""
 
     @property
     def bit_exact(self) -> bool:
@@ -146,17 +160,31 @@ class ConformanceReport:
 
 
 def check_conformance(
-    tflite: bytes, inputs: np.ndarray, *, workdir: Path | None = None, cc: str = "gcc"
+    tflite: bytes,
+    inputs: np.ndarray,
+    *,
+    workdir: Path | None = None,
+    cc: str = "gcc",
+    target: str = "host",
 ) -> ConformanceReport:
-    """Generate, compile and run ``tflite`` on ``inputs`` and compare with TFLM."""
+    """Generate, compile and run ``tflite`` on ``inputs`` and compare with TFLM: on the
+    host with ``cc``, or, for ``target`` ``mps2-an385``/``mps2-an386``, under QEMU."""
     from edgeops.evaluate.tflm import tflm_run
 
+    instructions: int | None = None
     with tempfile.TemporaryDirectory(prefix="edgeops-conformance-", dir=workdir) as scratch:
         root = Path(scratch)
-        library = generate(tflite, root / "lib")
-        executable = build_host(root / "lib", root / "model")
-        batch = np.asarray(inputs, dtype=np.int8).reshape(len(inputs), library.input_size)
-        ours = run_host(executable, batch, library.output_size)
+        library = generate(tflite, root / "lib", target=target)
+        batch = as_samples(inputs, library.input_size)
+        if target == "host":
+            executable = build_host(root / "lib", root / "model", cc=cc)
+            ours = run_host(executable, batch, library.output_size)
+        else:
+            from edgeops.firmware.cortexm import build_firmware, run_qemu
+
+            elf = build_firmware(root / "lib", root / "build", target)
+            run = run_qemu(elf, batch, library.output_size, target)
+            ours, instructions = run.outputs, run.instructions_per_inference
     reference = tflm_run(tflite, batch)
     theirs = np.asarray(reference.outputs, dtype=np.int8).reshape(len(batch), -1)
     if theirs.shape != ours.shape:
@@ -170,4 +198,6 @@ def check_conformance(
         arena_bytes=library.arena_bytes,
         tflm_arena_bytes=reference.arena_bytes,
         ops=tuple(library.ops),
+        target=target,
+        instructions_per_inference=instructions,
     )

@@ -12,7 +12,14 @@ The library:
 - ``edgeops_model.c``: weights, biases, multipliers and shifts as ``const`` arrays, one
   static arena, and the operators in order as kernel calls;
 - ``edgeops_kernels.h`` / ``edgeops_kernels.c``: the integer kernels;
-- ``edgeops_model.json``: what was generated (operators, arena bytes, sizes, source hash).
+- ``edgeops_model.json``: what was generated (operators, arena bytes, sizes, source hash,
+  target, project files).
+
+Any target but ``host`` also gets its project, rendered from ``firmware_templates/<dir>/``
+(:mod:`edgeops.firmware.targets` names the directory): files ending in ``.j2`` are Jinja2
+templates (written without the suffix), the others are copied as they are. Before anything
+is written, the model's estimated flash and RAM are checked against the target's limits
+(or the caller's :class:`~edgeops.firmware.targets.Limits`): :class:`TargetLimitError`.
 """
 
 from __future__ import annotations
@@ -26,16 +33,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeops.firmware import targets as target_table
 from edgeops.firmware._kernels import KERNELS_C, KERNELS_H
 from edgeops.firmware.errors import FirmwareError, UnsupportedModelError
 from edgeops.firmware.graph import Graph, read_tflite
 from edgeops.firmware.lower import c_array, lower
 from edgeops.firmware.plan import MemoryPlan, plan_memory
+from edgeops.firmware.targets import (
+    C_FLAGS,
+    Limits,
+    Target,
+    Usage,
+    check_limits,
+    estimate_usage,
+    get_target,
+)
 
-__all__ = ["TARGETS", "GeneratedLibrary", "generate", "generate_sources"]
+__all__ = [
+    "LIBRARY_FILES",
+    "TARGETS",
+    "GeneratedLibrary",
+    "generate",
+    "generate_sources",
+    "render_project",
+]
 
-TARGETS = ("host",)
-"""Targets this version writes: ``host`` is the library alone, for any C99 compiler."""
+TARGETS = tuple(target_table.TARGETS)
+"""Targets this version writes: ``host`` is the library alone, for any C99 compiler; the
+others add a project (see :data:`edgeops.firmware.targets.TARGETS`)."""
+
+LIBRARY_FILES = ("edgeops_model.h", "edgeops_model.c", "edgeops_kernels.h", "edgeops_kernels.c")
 
 
 @dataclass
@@ -51,9 +78,17 @@ class GeneratedLibrary:
     input_quantization: tuple[float, int] = (0.0, 0)
     output_quantization: tuple[float, int] = (0.0, 0)
     out_dir: Path | None = None
+    target: str = "host"
+    project_files: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    """The flash and RAM estimate checked against the target's limits."""
 
     def summary(self) -> dict[str, Any]:
         return {
+            "target": self.target,
+            "project_files": self.project_files,
+            "estimated_flash_bytes": None if self.usage is None else self.usage.flash_bytes,
+            "estimated_ram_bytes": None if self.usage is None else self.usage.ram_bytes,
             "arena_bytes": self.arena_bytes,
             "input_size": self.input_size,
             "output_size": self.output_size,
@@ -103,14 +138,62 @@ int edgeops_model_invoke(const int8_t *input, int8_t *output);
 """
 
 
-def generate_sources(tflite: bytes, *, target: str = "host") -> GeneratedLibrary:
-    """The C sources for ``tflite`` (nothing written).
+def _template_files(directory: str) -> dict[str, tuple[str, bool]]:
+    """The files of ``firmware_templates/<directory>``: relative path to (text, is Jinja2)."""
+    from firmware_templates import template_root
+
+    found: dict[str, tuple[str, bool]] = {}
+    pending = [(template_root() / directory, "")]
+    while pending:
+        node, prefix = pending.pop()
+        if not node.is_dir():
+            raise FirmwareError(f"the project templates for {directory!r} are not installed")
+        for child in node.iterdir():
+            name = f"{prefix}{child.name}"
+            if child.is_dir():
+                pending.append((child, f"{name}/"))
+            elif child.name.endswith(".j2"):
+                found[name.removesuffix(".j2")] = (child.read_text(encoding="utf-8"), True)
+            elif not child.name.endswith((".pyc", ".py")):
+                found[name] = (child.read_text(encoding="utf-8"), False)
+    return found
+
+
+def render_project(target: Target, context: dict[str, Any]) -> dict[str, str]:
+    """The project files of ``target`` (relative path to text) rendered with ``context``."""
+    import jinja2
+
+    if target.template is None:
+        return {}
+    # C, CMake and Makefile text: HTML escaping would corrupt it
+    environment = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # noqa: S701
+    )
+    rendered: dict[str, str] = {}
+    for name, (text, is_template) in sorted(_template_files(target.template).items()):
+        if not is_template:
+            rendered[name] = text
+            continue
+        try:
+            rendered[name] = environment.from_string(text).render(**context)
+        except jinja2.TemplateError as exc:
+            raise FirmwareError(f"template {target.template}/{name}.j2: {exc}") from None
+    return rendered
+
+
+def generate_sources(
+    tflite: bytes, *, target: str = "host", limits: Limits | None = None
+) -> GeneratedLibrary:
+    """The C sources for ``tflite`` and the project of ``target`` (nothing written).
 
     :class:`FloatModelError` for a float model, :class:`UnsupportedModelError` naming the
-    operators or options the kernels lack, :class:`FirmwareError` for an unreadable file.
+    operators or options the kernels lack, :class:`FirmwareError` for an unreadable file
+    or an unknown target, :class:`TargetLimitError` when the model does not fit the
+    target's flash or RAM (``limits`` replaces the figures it gives).
     """
-    if target not in TARGETS:
-        raise FirmwareError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
+    chosen = get_target(target)
     graph = read_tflite(tflite)
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise UnsupportedModelError(
@@ -171,6 +254,28 @@ def generate_sources(tflite: bytes, *, target: str = "host") -> GeneratedLibrary
         ]
     )
     x, y = graph.tensor(graph.inputs[0]), graph.tensor(graph.outputs[0])
+    usage = estimate_usage(
+        model_c, arena_bytes=plan.arena_bytes, input_size=x.size, output_size=y.size
+    )
+    check_limits(usage, chosen, chosen.limits.override(limits))
+    sha256 = hashlib.sha256(bytes(tflite)).hexdigest()
+    project = render_project(
+        chosen,
+        {
+            "target": chosen,
+            "cpu_flags": " ".join(chosen.cpu_flags),
+            "c_flags": " ".join(C_FLAGS),
+            "input_size": x.size,
+            "output_size": y.size,
+            "arena_bytes": plan.arena_bytes,
+            "ops": [step.op for step in steps],
+            "source_sha256": sha256,
+            "library_sources": [n for n in LIBRARY_FILES if n.endswith(".c")],
+        },
+    )
+    clash = sorted(set(project) & {*LIBRARY_FILES, "edgeops_model.json"})
+    if clash:
+        raise FirmwareError(f"the {target} templates overwrite library files: {clash}")
     library = GeneratedLibrary(
         files={},
         arena_bytes=plan.arena_bytes,
@@ -180,27 +285,28 @@ def generate_sources(tflite: bytes, *, target: str = "host") -> GeneratedLibrary
         folded=list(graph.folded),
         input_quantization=(x.scale, x.zero_point),
         output_quantization=(y.scale, y.zero_point),
+        target=target,
+        project_files=sorted(project),
+        usage=usage,
     )
-    manifest = {
-        **library.summary(),
-        "target": target,
-        "source_sha256": hashlib.sha256(bytes(tflite)).hexdigest(),
-    }
-    manifest["files"] = sorted(
-        ["edgeops_model.h", "edgeops_model.c", "edgeops_kernels.h", "edgeops_kernels.c"]
-    )
+    manifest = {**library.summary(), "source_sha256": sha256}
+    manifest["files"] = sorted(LIBRARY_FILES)
     library.files = {
         "edgeops_model.h": _header(graph, plan),
         "edgeops_model.c": model_c,
         "edgeops_kernels.h": KERNELS_H,
         "edgeops_kernels.c": KERNELS_C,
         "edgeops_model.json": json.dumps(manifest, indent=2, sort_keys=True) + "\n",
+        **project,
     }
     return library
 
 
-def generate(tflite: bytes, out_dir: Path, *, target: str = "host") -> GeneratedLibrary:
-    """Write the library of ``tflite`` into ``out_dir``, which must not exist yet.
+def generate(
+    tflite: bytes, out_dir: Path, *, target: str = "host", limits: Limits | None = None
+) -> GeneratedLibrary:
+    """Write the library of ``tflite`` (and the project of ``target``) into ``out_dir``,
+    which must not exist yet. Everything is checked first (:func:`generate_sources`).
 
     The files are written into a temporary sibling directory, fsynced, and the directory
     is renamed into place: ``out_dir`` appears complete or not at all.
@@ -208,7 +314,7 @@ def generate(tflite: bytes, out_dir: Path, *, target: str = "host") -> Generated
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FirmwareError(f"{out_dir} already exists; choose a new output directory")
-    library = generate_sources(tflite, target=target)
+    library = generate_sources(tflite, target=target, limits=limits)
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +323,9 @@ def generate(tflite: bytes, out_dir: Path, *, target: str = "host") -> Generated
         raise FirmwareError(f"cannot write into {parent}: {exc.strerror or exc}") from None
     try:
         for name, text in library.files.items():
-            with (staging / name).open("w", encoding="utf-8") as handle:
+            path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())

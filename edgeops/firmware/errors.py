@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from edgeops.errors import EdgeOpsError
 
-__all__ = ["FirmwareError", "FloatModelError", "UnsupportedModelError"]
+__all__ = [
+    "FirmwareError",
+    "FloatModelError",
+    "TargetLimitError",
+    "ToolchainMissingError",
+    "UnsupportedModelError",
+]
 
 
 class FirmwareError(EdgeOpsError):
@@ -17,3 +23,11 @@ class UnsupportedModelError(FirmwareError):
 
 class FloatModelError(UnsupportedModelError):
     """The model is not a full-integer int8 model."""
+
+
+class TargetLimitError(FirmwareError):
+    """The model needs more flash or RAM than the target (or the caller's override) has."""
+
+
+class ToolchainMissingError(FirmwareError):
+    """A cross compiler, its C library or QEMU is not installed."""

@@ -200,17 +200,41 @@ def read_tflite(flatbuffer: bytes) -> Graph:
     return graph
 
 
+def _edge_operator(graph: Graph, index: int, side: str) -> str:
+    """The clause naming the QUANTIZE that reads a float model input, or the DEQUANTIZE that
+    writes a float model output (an int8 model with float edges), and the conversion that
+    removes it; ``""`` if there is none."""
+    for op in graph.operators:
+        if side == "input" and index in op.inputs and op.op == "QUANTIZE":
+            return (
+                f", quantized by QUANTIZE (#{op.index}); the library takes int8 input: "
+                "convert with inference_input_type=tf.int8"
+            )
+        if side == "output" and index in op.outputs and op.op == "DEQUANTIZE":
+            return (
+                f", made by DEQUANTIZE (#{op.index}); the library returns int8 output: "
+                "convert with inference_output_type=tf.int8"
+            )
+    return ""
+
+
 def _check_integer(graph: Graph) -> None:
+    edges: list[str] = []
     for index in graph.inputs + graph.outputs:
         tensor = graph.tensor(index)
         if tensor.dtype != "INT8":
             side = "input" if index in graph.inputs else "output"
-            raise FloatModelError(
-                f"the model's {side} {tensor.name!r} is {tensor.dtype}; a full-integer int8 "
-                "model is required (convert with a representative dataset, "
-                "supported_ops=[TFLITE_BUILTINS_INT8], inference_input_type and "
-                "inference_output_type int8)"
-            )
+            edge = _edge_operator(graph, index, side)
+            if not edge:
+                raise FloatModelError(
+                    f"the model's {side} {tensor.name!r} is {tensor.dtype}; a full-integer "
+                    "int8 model is required (convert with a representative dataset, "
+                    "supported_ops=[TFLITE_BUILTINS_INT8], inference_input_type and "
+                    "inference_output_type int8)"
+                )
+            edges.append(f"the model's {side} {tensor.name!r} is {tensor.dtype}{edge}")
+    if edges:
+        raise FloatModelError("; ".join(edges))
     for op in graph.operators:
         for index in op.inputs + op.outputs:
             if index < 0:

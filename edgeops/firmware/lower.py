@@ -547,6 +547,91 @@ def _pad(graph: Graph, op: Operator, n: int) -> Step:
     )
 
 
+def _int32_constant(graph: Graph, op: Operator, position: int, what: str, size: int) -> list[int]:
+    tensor = graph.tensor(op.inputs[position]) if len(op.inputs) > position else None
+    if tensor is None or tensor.data is None or tensor.dtype != "INT32" or tensor.size != size:
+        raise UnsupportedModelError(
+            f"{_where(op)}: the {what} must be a constant int32 tensor of {size} values"
+        )
+    return [int(v) for v in tensor.data.reshape(-1).tolist()]
+
+
+SPACE_TO_BATCH_PAD_VALUE = 0
+"""What SPACE_TO_BATCH_ND writes into its padding. TFLite's kernel writes the output zero
+point (a real 0); TFLM's never sets that parameter, so it pads with whatever its persistent
+buffer holds: 0 in a fresh arena. The library matches TFLM; the two agree whenever the zero
+point is 0."""
+
+
+def _nhwc(shape: Sequence[int]) -> list[int]:
+    """A 4-D NHWC shape, or a 3-D NHC one as NH1C (as TFLM extends it)."""
+    dims = [int(d) for d in shape]
+    return dims if len(dims) == 4 else [dims[0], dims[1], 1, dims[2]]
+
+
+def _space_batch(graph: Graph, op: Operator, n: int) -> Step:
+    """SPACE_TO_BATCH_ND / BATCH_TO_SPACE_ND on NHWC (or NHC, as NH1C), constant block
+    shape and paddings (crops): what TFLM supports."""
+    where = _where(op)
+    input, output = _require_int8(graph, op, [op.inputs[0], op.outputs[0]])
+    _same_quantization(op, [input], output)
+    rank = len(input.shape)
+    if rank not in (3, 4) or len(output.shape) != rank:
+        raise UnsupportedModelError(f"{where}: 3-D or 4-D input and output are required")
+    spatial = rank - 2
+    block = _int32_constant(graph, op, 1, "block shape", spatial)
+    margins = _int32_constant(
+        graph, op, 2, "paddings" if op.op == "SPACE_TO_BATCH_ND" else "crops", 2 * spatial
+    )
+    if rank == 3:  # NHC as NH1C
+        block, margins = [*block, 1], [*margins, 0, 0]
+    in_dims, out_dims = _nhwc(input.shape), _nhwc(output.shape)
+    if min(block) < 1 or min(margins) < 0:
+        raise UnsupportedModelError(
+            f"{where}: block shape {block} or margins {margins} out of range"
+        )
+    bh, bw = block
+    if op.op == "SPACE_TO_BATCH_ND":
+        padded_h = in_dims[1] + margins[0] + margins[1]
+        padded_w = in_dims[2] + margins[2] + margins[3]
+        fits = padded_h % bh == 0 and padded_w % bw == 0
+        expected = [in_dims[0] * bh * bw, padded_h // bh, padded_w // bw, in_dims[3]]
+    else:
+        fits = in_dims[0] % (bh * bw) == 0
+        expected = [
+            in_dims[0] // (bh * bw),
+            in_dims[1] * bh - margins[0] - margins[1],
+            in_dims[2] * bw - margins[2] - margins[3],
+            in_dims[3],
+        ]
+    if not fits or expected != out_dims:
+        raise UnsupportedModelError(
+            f"{where}: output shape {list(output.shape)} does not match block shape "
+            f"{block[:spatial]} and margins {margins[: 2 * spatial]}"
+        )
+    params = {
+        "in_batches": in_dims[0],
+        "in_h": in_dims[1],
+        "in_w": in_dims[2],
+        "depth": in_dims[3],
+        "out_batches": out_dims[0],
+        "out_h": out_dims[1],
+        "out_w": out_dims[2],
+        "block_h": bh,
+        "block_w": bw,
+        "top": margins[0],
+        "left": margins[2],
+        "pad_value": SPACE_TO_BATCH_PAD_VALUE,
+    }
+    p = f"op{n}"
+    kernel = "eo_space_to_batch" if op.op == "SPACE_TO_BATCH_ND" else "eo_batch_to_space"
+    x, y = op.inputs[0], op.outputs[0]
+    decls = [_struct("eo_space_batch_params", f"{p}_params", params)]
+    return Step(
+        op.op, op.index, [x], [y], decls, lambda ref: f"{kernel}(&{p}_params, {ref(x)}, {ref(y)});"
+    )
+
+
 def _alias(graph: Graph, op: Operator, n: int) -> Step:
     input, output = _require_int8(graph, op, [op.inputs[0], op.outputs[0]])
     if input.size != output.size:
@@ -585,6 +670,8 @@ _LOWER: dict[str, Callable[[Graph, Operator, int], Step]] = {
     "PAD": _pad,
     "PADV2": _pad,
     "QUANTIZE": _quantize,
+    "SPACE_TO_BATCH_ND": _space_batch,
+    "BATCH_TO_SPACE_ND": _space_batch,
 }
 
 SUPPORTED_OPS = tuple(sorted(_LOWER))
