@@ -44,6 +44,7 @@ test: install services lint typecheck pytest  ## everything CI runs; ends with p
 bench: install services  ## benchmarks; results in bench/results/
 	$(BIN)/python bench/mqtt_qos1.py --ablation
 	$(BIN)/python bench/update.py
+	$(BIN)/python bench/firmware.py
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* build *.egg-info

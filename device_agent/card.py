@@ -22,8 +22,14 @@ kept in ``extra`` and written back) and Markdown (``to_markdown``, for people)::
       "reference": {...ReferenceStats.to_dict()...},
       "test_vectors": [{"input": [[...]], "expected_output": [[...]]}],
       "metrics": {"accuracy": 0.97}, "lineage": {"dataset_version": "...", "parent_id": "..."},
-      "min_agent_version": "0.1.0"
+      "min_agent_version": "0.1.0",
+      "firmware": {...Firmware.to_dict()...}          # only for runtime "firmware"
     }
+
+A card of runtime ``firmware`` describes a model generated as interpreter-free C
+(``edgeops.firmware``) for a microcontroller target; its ``firmware`` object records the target
+and the generated library's footprint (see :class:`Firmware`), and the card's own
+``arena_bytes`` and ``flash_bytes`` are the library's. Other cards have no ``firmware`` field.
 
 Shapes use ``null`` for a dimension fixed only at run time (a dynamic batch). Tensor
 quantization parameters map real values to stored ones: ``q = round(x / scale) + zero_point``.
@@ -47,6 +53,7 @@ __all__ = [
     "QUANTIZATION_MODES",
     "RUNTIMES",
     "CardError",
+    "Firmware",
     "ModelCard",
     "Quantization",
     "TensorQuantization",
@@ -54,7 +61,9 @@ __all__ = [
 ]
 
 CARD_SCHEMA_VERSION = 1
-RUNTIMES = ("keras", "litert", "onnx", "tflm")
+RUNTIMES = ("keras", "litert", "onnx", "tflm", "firmware")
+"""What runs the model: ``firmware`` is the model generated as C for a microcontroller (no
+interpreter); ``tflm`` a .tflite on TensorFlow Lite Micro."""
 QUANTIZATION_MODES = ("none", "dynamic", "float16", "int8", "int16x8")
 
 
@@ -180,6 +189,111 @@ class Quantization:
         return cls(mode=mode, input=tensors["input"], output=tensors["output"])
 
 
+@dataclass
+class Firmware:
+    """The generated firmware of a ``firmware`` card: its target and what it takes.
+
+    Every size is the generated library's own share (the model and its kernels, not the
+    board's start-up code or a test harness), in bytes::
+
+        {"target": "mps2-an385", "arena_bytes": 1536, "constant_bytes": 5210,
+         "text_bytes": 4100, "rodata_bytes": 5240, "data_bytes": 0, "bss_bytes": 1536,
+         "flash_bytes": 9340, "ram_bytes": 1536, "instructions_per_inference": 181234,
+         "tflm_arena_bytes": 3720, "measured_with": "arm-none-eabi-size, qemu-system-arm -icount"}
+
+    ``arena_bytes`` (the static arena the memory plan needs) and ``constant_bytes`` (the
+    constant data the generated model declares: weights, biases, multipliers, shifts, and
+    operator parameters counted at the largest parameter struct's size) are known from the
+    generated sources on any target. ``text_bytes`` .. ``bss_bytes`` are the sections
+    ``arm-none-eabi-size`` reports for a build; ``flash_bytes`` is text + rodata + data and
+    ``ram_bytes`` data + bss (the arena included); ``instructions_per_inference`` is the mean
+    count of instructions one invoke executes under QEMU with ``-icount`` (a latency proxy).
+    Those are null where nothing was built or run (targets built by the user's own SDK).
+    ``tflm_arena_bytes`` is TensorFlow Lite Micro's arena for the same model, for
+    comparison. ``measured_with`` says which tools gave the figures.
+    """
+
+    target: str
+    arena_bytes: int
+    constant_bytes: int | None = None
+    text_bytes: int | None = None
+    rodata_bytes: int | None = None
+    data_bytes: int | None = None
+    bss_bytes: int | None = None
+    flash_bytes: int | None = None
+    ram_bytes: int | None = None
+    instructions_per_inference: int | None = None
+    tflm_arena_bytes: int | None = None
+    measured_with: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Fields this version does not know; written back unchanged."""
+
+    _SIZES: ClassVar[tuple[str, ...]] = (
+        "constant_bytes",
+        "text_bytes",
+        "rodata_bytes",
+        "data_bytes",
+        "bss_bytes",
+        "flash_bytes",
+        "ram_bytes",
+        "instructions_per_inference",
+        "tflm_arena_bytes",
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **_copy(self.extra),
+            "target": self.target,
+            "arena_bytes": self.arena_bytes,
+            **{key: getattr(self, key) for key in self._SIZES},
+            "measured_with": self.measured_with,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "firmware") -> Self:
+        data = _mapping(data, where)
+        target = _field(data, "target", str, where)
+        if not target:
+            raise CardError(f"{where}: field 'target' must name a firmware target, got ''")
+        arena = _optional_size(data, "arena_bytes", where)
+        if arena is None:
+            raise CardError(f"{where}: missing field 'arena_bytes'")
+        known = {"target", "arena_bytes", "measured_with", *cls._SIZES}
+        return cls(
+            target=target,
+            arena_bytes=arena,
+            measured_with=_field(data, "measured_with", str, where, default=""),
+            extra={k: _copy(v) for k, v in data.items() if k not in known},
+            **{key: _optional_size(data, key, where) for key in cls._SIZES},
+        )
+
+    def facts(self) -> list[tuple[str, str]]:
+        """(field, value) rows for people."""
+        rows = [("target", self.target), ("arena bytes", _bytes(self.arena_bytes))]
+        rows += [
+            (label, _bytes(getattr(self, key)))
+            for label, key in (
+                ("constant bytes (weights, biases, parameters)", "constant_bytes"),
+                ("flash bytes (text + rodata + data)", "flash_bytes"),
+                ("RAM bytes (data + bss, arena included)", "ram_bytes"),
+                ("text", "text_bytes"),
+                ("rodata", "rodata_bytes"),
+                ("data", "data_bytes"),
+                ("bss", "bss_bytes"),
+                ("TFLite Micro arena bytes", "tflm_arena_bytes"),
+            )
+        ]
+        per_inference = self.instructions_per_inference
+        rows.append(
+            (
+                "instructions per inference",
+                "n/a" if per_inference is None else f"{per_inference:,}",
+            )
+        )
+        rows.append(("measured with", self.measured_with or "n/a"))
+        return rows
+
+
 # -- the card ---------------------------------------------------------------------------------
 
 
@@ -208,6 +322,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
     min_agent_version: str = "0.1.0"
+    firmware: Firmware | None = None
+    """The generated firmware (runtime ``firmware`` only); None for every other runtime."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Fields of the JSON document this version does not know; written back unchanged."""
 
@@ -229,6 +345,7 @@ class ModelCard:
         "metrics",
         "lineage",
         "min_agent_version",
+        "firmware",
     )
 
     def __post_init__(self) -> None:
@@ -240,15 +357,24 @@ class ModelCard:
             self.input_spec = TensorSpec.from_dict(parts.input_spec, "input_spec")
         if isinstance(parts.output_spec, Mapping):
             self.output_spec = TensorSpec.from_dict(parts.output_spec, "output_spec")
+        if isinstance(parts.firmware, Mapping):
+            self.firmware = Firmware.from_dict(parts.firmware)
         if self.runtime not in RUNTIMES:
             raise CardError(
                 f"model card: field 'runtime' must be one of {', '.join(RUNTIMES)}, "
                 f"got {self.runtime!r}"
             )
+        if (self.runtime == "firmware") != (self.firmware is not None):
+            raise CardError(
+                "model card: field 'firmware' must be an object for runtime 'firmware' and "
+                f"absent for any other; runtime is {self.runtime!r} and firmware is "
+                + ("absent" if self.firmware is None else "present")
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object of this card, unknown fields included."""
-        return {
+        """The JSON object of this card, unknown fields included (``firmware`` only when
+        set, so the cards of other runtimes read as before)."""
+        document = {
             **self.extra,
             "schema": CARD_SCHEMA_VERSION,
             "model_id": self.model_id,
@@ -269,6 +395,9 @@ class ModelCard:
             "lineage": _copy(self.lineage),
             "min_agent_version": self.min_agent_version,
         }
+        if self.firmware is not None:
+            document["firmware"] = self.firmware.to_dict()
+        return document
 
     def to_json(self) -> str:
         """The card as JSON text (sorted keys, indented); NaN and infinity are refused."""
@@ -298,6 +427,9 @@ class ModelCard:
         op_set = _field(data, "op_set", list, where, default=[])
         if not all(isinstance(op, str) for op in op_set):
             raise CardError(f"{where}: field 'op_set' must be a list of strings")
+        firmware = data.get("firmware")
+        if firmware is not None:
+            firmware = Firmware.from_dict(_field(data, "firmware", dict, where))
         return cls(
             model_id=_field(data, "model_id", str, where),
             version=_field(data, "version", str, where),
@@ -320,6 +452,7 @@ class ModelCard:
             metrics=_copy(_field(data, "metrics", dict, where, default={})),
             lineage=_copy(_field(data, "lineage", dict, where, default={})),
             min_agent_version=_field(data, "min_agent_version", str, where, default="0.1.0"),
+            firmware=firmware,
             extra={k: _copy(v) for k, v in data.items() if k not in {*cls._FIELDS, "schema"}},
         )
 
@@ -362,6 +495,9 @@ class ModelCard:
                 ("tensor", "dtype", "scale", "zero point"),
                 [(label, q.dtype, f"{q.scale:.6g}", str(q.zero_point)) for label, q in tensors],
             )
+        if self.firmware is not None:
+            lines += ["", "## Firmware", ""]
+            lines += _table(("field", "value"), self.firmware.facts())
         lines += ["", "## Operators", ""]
         lines.append(", ".join(f"`{op}`" for op in self.op_set) if self.op_set else "(not listed)")
         if self.metrics:

@@ -14,6 +14,7 @@ import pytest
 from device_agent.card import (
     CARD_SCHEMA_VERSION,
     CardError,
+    Firmware,
     ModelCard,
     Quantization,
     TensorQuantization,
@@ -131,7 +132,10 @@ def test_markdown_states_the_key_facts() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"runtime": "tensorrt"}, "field 'runtime' must be one of keras, litert, onnx, tflm"),
+        (
+            {"runtime": "tensorrt"},
+            "field 'runtime' must be one of keras, litert, onnx, tflm, firmware",
+        ),
         ({"schema": 2}, "field 'schema' must be 1, got 2"),
         ({"name": None}, "field 'name' must be a string, got null"),
         ({"arena_bytes": -1}, "field 'arena_bytes' must be a non-negative integer"),
@@ -159,6 +163,83 @@ def test_markdown_states_the_key_facts() -> None:
 def test_malformed_cards_name_the_field(change: dict[str, Any], message: str) -> None:
     with pytest.raises(CardError) as error:
         ModelCard.from_dict(card_document(**change))
+    assert message in str(error.value)
+
+
+def firmware_document(**changes: Any) -> dict[str, Any]:
+    firmware: dict[str, Any] = {
+        "target": "mps2-an385",
+        "arena_bytes": 1536,
+        "constant_bytes": 5210,
+        "text_bytes": 4100,
+        "rodata_bytes": 5240,
+        "data_bytes": 0,
+        "bss_bytes": 1536,
+        "flash_bytes": 9340,
+        "ram_bytes": 1536,
+        "instructions_per_inference": 181234,
+        "tflm_arena_bytes": 3720,
+        "measured_with": "arm-none-eabi-size, qemu-system-arm -icount",
+    }
+    firmware.update(changes)
+    return card_document(runtime="firmware", arena_bytes=1536, flash_bytes=9340, firmware=firmware)
+
+
+def test_firmware_record_round_trips_with_unknown_fields() -> None:
+    document = firmware_document(board_revision="c")
+    card = ModelCard.from_dict(document)
+    assert card.firmware is not None and card.firmware.target == "mps2-an385"
+    assert card.firmware.instructions_per_inference == 181234
+    assert card.firmware.extra == {"board_revision": "c"}
+    assert card.to_dict() == document
+    assert ModelCard.from_json(card.to_json()).to_dict() == document
+    # a target built by the user's own SDK: only what the generated sources tell
+    sources_only = Firmware(target="zephyr", arena_bytes=1536, constant_bytes=5210)
+    built = ModelCard.from_dict(card_document(runtime="firmware", firmware=sources_only.to_dict()))
+    assert built.firmware == sources_only and built.firmware.flash_bytes is None
+
+
+def test_cards_without_firmware_write_no_firmware_field() -> None:
+    card = ModelCard.from_dict(card_document())
+    assert card.firmware is None and "firmware" not in card.to_dict()
+
+
+def test_markdown_shows_the_firmware_footprint() -> None:
+    markdown = ModelCard.from_dict(firmware_document()).to_markdown()
+    for fact in (
+        "## Firmware",
+        "| target | mps2-an385 |",
+        "9,340",
+        "| instructions per inference | 181,234 |",
+    ):
+        assert fact in markdown, fact
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (card_document(runtime="firmware"), "field 'firmware' must be an object for runtime"),
+        (
+            card_document(firmware=firmware_document()["firmware"]),
+            "runtime is 'tflm' and firmware is present",
+        ),
+        (firmware_document(target=""), "firmware: field 'target' must name a firmware target"),
+        (firmware_document(arena_bytes=None), "firmware: missing field 'arena_bytes'"),
+        (firmware_document(text_bytes=-4), "firmware: field 'text_bytes' must be a non-negative"),
+        (
+            firmware_document(instructions_per_inference=1.5),
+            "field 'instructions_per_inference' must be a non-negative integer",
+        ),
+        (
+            firmware_document(measured_with=3),
+            "firmware: field 'measured_with' must be a string, got int",
+        ),
+        (card_document(runtime="firmware", firmware=[1]), "field 'firmware' must be an object"),
+    ],
+)
+def test_malformed_firmware_records_name_the_field(document: dict[str, Any], message: str) -> None:
+    with pytest.raises(CardError) as error:
+        ModelCard.from_dict(document)
     assert message in str(error.value)
 
 

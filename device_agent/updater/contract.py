@@ -34,6 +34,7 @@ from device_agent.updater.errors import ContractError
 
 __all__ = [
     "CARD_RUNTIME",
+    "FIRMWARE_CARD_RUNTIME",
     "TARGET_RUNTIMES",
     "DeviceFacts",
     "available_runtimes",
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 CARD_RUNTIME = {"litert": "litert", "onnx": "onnx", "mcu": "tflm"}
 """Target runtime -> the runtime its model card names."""
 TARGET_RUNTIMES = tuple(CARD_RUNTIME)
+FIRMWARE_CARD_RUNTIME = "firmware"
+"""Card runtime of generated firmware (a target of runtime ``mcu``): only a device that
+reports the ``firmware`` runtime (it can flash a microcontroller) takes it."""
 
 _RUNTIME_MODULES = {
     "litert": ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"),
@@ -192,18 +196,20 @@ def check_contract(custom: Any, facts: DeviceFacts) -> ModelCard:
             card = ModelCard.from_dict(_mapping(raw_card, "card"))
     except CardError as exc:
         raise ContractError("malformed", f"contract: field 'card': {exc}") from exc
-    if card.runtime != CARD_RUNTIME[runtime]:
+    firmware = runtime == "mcu" and card.runtime == FIRMWARE_CARD_RUNTIME
+    if card.runtime != CARD_RUNTIME[runtime] and not firmware:
         raise ContractError(
             "malformed",
             f"contract: target runtime {runtime!r} needs a card for {CARD_RUNTIME[runtime]!r}, "
             f"the card says {card.runtime!r}",
         )
     _check_hardware(_mapping(contract.get("hardware", {}), "hardware"), facts)
-    if runtime not in facts.runtimes:
+    needed = FIRMWARE_CARD_RUNTIME if firmware else runtime
+    if needed not in facts.runtimes:
         have = ", ".join(sorted(facts.runtimes)) or "none"
         raise ContractError(
             "runtime",
-            f"the artifact needs the {runtime} runtime; this device has: {have}",
+            f"the artifact needs the {needed} runtime; this device has: {have}",
         )
     _check_memory(contract.get("min_free_memory_bytes"), card, facts)
     _check_agent_version(card, facts)

@@ -3,14 +3,15 @@
     edgeops keys init [--root-keys N] [--root-threshold M] [--root-key-dir DIR]
     edgeops keys rotate ROLE [--root-key-dir DIR] [--root-keys N] [--root-threshold M]
     edgeops keys show [--json]
-    edgeops release MODEL_VERSION [--runtime litert|onnx|mcu] [--hardware k=v1|v2,...]
-                                  [--min-free-memory BYTES] [--json]
+    edgeops release MODEL_VERSION [--runtime litert|onnx|mcu] [--firmware TARGET]
+                                  [--hardware k=v1|v2,...] [--min-free-memory BYTES] [--json]
     edgeops releases list [--json]
 
 Thin: each command opens the repository under ``<data dir>/trust`` (``Settings.trust_dir``)
 with the configured expiries and calls :mod:`edgeops.trust`. Errors are one line (see
 ``edgeops.cli.main``): a repository not initialised, missing root keys and bad thresholds are
-configuration errors (exit 2); an unknown model or a model unfit for the runtime exit 1.
+configuration errors (exit 2); an unknown model, a model unfit for the runtime, an unknown
+firmware target or firmware that does not fit its target exit 1.
 """
 
 from __future__ import annotations
@@ -172,14 +173,29 @@ def release(
         int | None,
         typer.Option("--min-free-memory", help="bytes of free memory a device needs", min=0),
     ] = None,
+    firmware: Annotated[
+        str | None,
+        typer.Option(
+            "--firmware",
+            help="with --runtime mcu: release the model generated as firmware for this target "
+            "(mps2-an385, mps2-an386, zephyr, arduino, esp-idf, host) instead of the .tflite",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Export a model version for a runtime and publish it as a signed target (new targets,
     snapshot and timestamp versions)."""
     from edgeops.cli._hub import open_hub
-    from edgeops.trust.release import parse_hardware, release_model
+    from edgeops.trust.release import (
+        card_of,
+        check_firmware_target,
+        parse_hardware,
+        release_model,
+    )
 
     tags = parse_hardware(hardware)
+    if firmware is not None:
+        check_firmware_target(runtime.value, firmware)  # before opening anything
     repository = _repository()
     repository.root()  # not initialised: fail before opening the registry
     with open_hub() as hub:
@@ -191,18 +207,35 @@ def release(
             runtime=runtime.value,
             hardware=tags,
             min_free_memory_bytes=min_free_memory,
+            firmware=firmware,
         )
+    footprint = card_of(released.custom).get("firmware") if firmware is not None else None
     if as_json:
-        _print_json(released.to_dict())
+        document = released.to_dict()
+        if footprint is not None:
+            document["firmware"] = footprint
+        _print_json(document)
         return
     out.print(f"released {released.path}", highlight=False)
     out.print(f"  length  {released.length} bytes", highlight=False)
     out.print(f"  sha256  {released.sha256}", highlight=False)
+    if isinstance(footprint, dict):
+        out.print(f"  firmware {_footprint_text(footprint)}", highlight=False)
     out.print(
         "  versions "
         + ", ".join(f"{name} {version}" for name, version in released.versions.items()),
         highlight=False,
     )
+
+
+def _footprint_text(footprint: dict[str, Any]) -> str:
+    parts = [str(footprint.get("target")), f"arena {footprint.get('arena_bytes')} B"]
+    for key, label in (("flash_bytes", "flash"), ("ram_bytes", "RAM")):
+        if footprint.get(key) is not None:
+            parts.append(f"{label} {footprint[key]} B")
+    if footprint.get("instructions_per_inference") is not None:
+        parts.append(f"{footprint['instructions_per_inference']} instructions per inference")
+    return ", ".join(parts)
 
 
 @releases_app.command("list")

@@ -1,8 +1,8 @@
 """Releasing a registered model version: export it for a runtime and add it as a TUF target.
 
-The target path is ``{model name}/{seq}/{runtime}/model.{tflite|onnx}`` and the target's
-custom metadata is the model's compatibility contract, checked by the device before it
-installs anything::
+The target path is ``{model name}/{seq}/{runtime}/model.{tflite|onnx}`` (generated firmware:
+``{model name}/{seq}/mcu/firmware-{target}.tar``) and the target's custom metadata is the
+model's compatibility contract, checked by the device before it installs anything::
 
     {"edgeops": {"card": "{...ModelCard.to_dict() as compact JSON text...}",
                  "hardware": {"arch": ["x86_64", "aarch64"]},   # {} = any hardware
@@ -15,20 +15,40 @@ them (quantization scales, test vectors, reference statistics, metrics).
 
 Runtimes: ``litert`` (the .tflite as exported), ``onnx`` (the .onnx), ``mcu`` (a full-int8
 .tflite for TensorFlow Lite Micro; the card's runtime becomes ``tflm``).
+
+Generated firmware (``mcu`` with ``firmware=TARGET``): the full-int8 .tflite is turned into
+the interpreter-free C library and project of a firmware target (:mod:`edgeops.firmware`)
+and released as one deterministic tar archive (names sorted, mtime 0, owner 0, no
+compression) under a directory ``{model name}-{seq}-{target}/``. For a target QEMU runs
+(``mps2-an385``, ``mps2-an386``) with the Arm toolchain installed, the archive also holds the
+built ``firmware.elf``, and the card records the library's sections from
+``arm-none-eabi-size`` and the instructions per inference under ``qemu-system-arm -icount``;
+for the other targets it records what the generated sources tell (arena, constant data).
+The card's runtime becomes ``firmware`` and its ``firmware`` object holds these figures
+(:class:`device_agent.card.Firmware`); its ``arena_bytes`` and ``flash_bytes`` are the
+library's. Nothing is published if the model is not full int8, the target is unknown, or the
+model does not fit the target.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
+import os
 import re
+import tarfile
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuf.api.metadata import TargetFile
 
-from device_agent.card import ModelCard
+from device_agent.card import Firmware, ModelCard
+from device_agent.updater.contract import FIRMWARE_CARD_RUNTIME
 from edgeops.export import UnsupportedExportError, export_artifact
 from edgeops.trust.errors import HardwareTagsError, ReleaseError
 from edgeops.trust.metadata import check_target_path
@@ -44,6 +64,9 @@ __all__ = [
     "build_custom",
     "card_of",
     "card_text",
+    "check_firmware_target",
+    "firmware_archive",
+    "firmware_targets",
     "parse_hardware",
     "release_model",
     "released_cards",
@@ -53,6 +76,9 @@ __all__ = [
 RELEASE_RUNTIMES = ("litert", "onnx", "mcu")
 _FORMAT = {"litert": "tflite", "onnx": "onnx", "mcu": "tflite"}
 _CARD_RUNTIME = {"litert": "litert", "onnx": "onnx", "mcu": "tflm"}
+QEMU_SAMPLES = 8
+"""Inputs run under QEMU for the instructions per inference: the card's test vectors, then
+seeded random int8 tensors up to this count."""
 _TAG = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
@@ -100,11 +126,33 @@ class Release:
         return document
 
 
-def target_path(name: str, seq: int | str, runtime: str) -> str:
-    """``{name}/{seq}/{runtime}/model.{tflite|onnx}``."""
+def target_path(name: str, seq: int | str, runtime: str, *, firmware: str | None = None) -> str:
+    """``{name}/{seq}/{runtime}/model.{tflite|onnx}``; with ``firmware`` (runtime ``mcu``
+    only) ``{name}/{seq}/mcu/firmware-{target}.tar``."""
     if runtime not in RELEASE_RUNTIMES:
         raise ReleaseError(f"unknown runtime {runtime!r}; runtimes: {', '.join(RELEASE_RUNTIMES)}")
+    if firmware is not None:
+        check_firmware_target(runtime, firmware)
+        return check_target_path(f"{name}/{seq}/{runtime}/firmware-{firmware}.tar")
     return check_target_path(f"{name}/{seq}/{runtime}/model.{_FORMAT[runtime]}")
+
+
+def firmware_targets() -> tuple[str, ...]:
+    """The firmware targets :mod:`edgeops.firmware` generates for."""
+    from edgeops.firmware import TARGETS
+
+    return tuple(TARGETS)
+
+
+def check_firmware_target(runtime: str, target: str) -> None:
+    """ReleaseError unless ``target`` is a firmware target and ``runtime`` is ``mcu``."""
+    if runtime != "mcu":
+        raise ReleaseError(
+            f"firmware is released for runtime mcu, not {runtime}; use --runtime mcu"
+        )
+    targets = firmware_targets()
+    if target not in targets:
+        raise ReleaseError(f"unknown firmware target {target!r}; targets: {', '.join(targets)}")
 
 
 def parse_hardware(spec: str | None) -> dict[str, list[str]]:
@@ -196,18 +244,32 @@ def release_model(
     runtime: str = "litert",
     hardware: Mapping[str, Sequence[str]] | None = None,
     min_free_memory_bytes: int | None = None,
+    firmware: str | None = None,
 ) -> Release:
     """Export ``model_ref`` for ``runtime`` and publish it as a new target.
 
+    ``firmware`` (a firmware target, runtime ``mcu`` only) publishes the generated firmware
+    instead of the .tflite (see the module docstring).
+
     Raises TrustNotInitialisedError before any work if the repository does not exist,
     ModelNotFoundError for an unknown model, ReleaseError if the model does not fit the
-    runtime (an int8 .tflite cannot become .onnx; ``mcu`` needs a full-int8 model).
+    runtime (an int8 .tflite cannot become .onnx; ``mcu`` needs a full-int8 model), the
+    firmware target is unknown, or the generated firmware does not fit the target. Nothing
+    is published on any error.
     """
     if runtime not in RELEASE_RUNTIMES:
         raise ReleaseError(f"unknown runtime {runtime!r}; runtimes: {', '.join(RELEASE_RUNTIMES)}")
+    if firmware is not None:
+        check_firmware_target(runtime, firmware)
     repository.root()  # TrustNotInitialisedError before the (slow) export
     view = registry.get_model(model_ref)
-    path = target_path(view.name, view.seq, runtime)
+    path = target_path(view.name, view.seq, runtime, firmware=firmware)
+    if runtime == "mcu" and view.format != "tflite":  # refused before the (slow) export
+        raise ReleaseError(
+            f"cannot release {view.ref} ({view.id}) for runtime mcu: it is not a full-int8 "
+            f".tflite model (quantization none: a .{view.format} model); compress it with "
+            "--quantize int8 first"
+        )
     try:
         result = export_artifact(
             view,
@@ -219,6 +281,7 @@ def release_model(
     except UnsupportedExportError as exc:
         raise ReleaseError(f"cannot release {view.ref} for runtime {runtime}: {exc}") from None
     card = result.card
+    artifact = result.artifact
     if runtime == "mcu":
         if card.quantization.mode != "int8" or card.arena_bytes is None:
             raise ReleaseError(
@@ -227,6 +290,142 @@ def release_model(
                 "--quantize int8 first"
             )
         card = dataclasses.replace(card, runtime=_CARD_RUNTIME[runtime])
+        if firmware is not None:
+            card, artifact = build_firmware_release(
+                artifact, card, firmware, prefix=f"{view.name}-{view.seq}-{firmware}"
+            )
     custom = build_custom(card, runtime, hardware, min_free_memory_bytes)
-    target = repository.add_target(path, result.artifact, custom)
+    target = repository.add_target(path, artifact, custom)
     return Release.of(target, repository.versions())
+
+
+def build_firmware_release(
+    tflite: bytes, card: ModelCard, target: str, *, prefix: str
+) -> tuple[ModelCard, bytes]:
+    """The card and archive of ``tflite`` generated as firmware for ``target``.
+
+    ``card`` is the model's ``tflm`` card (test vectors, TFLM's arena); the card returned has
+    runtime ``firmware`` and the :class:`~device_agent.card.Firmware` record. ReleaseError
+    (one line) if the model cannot be generated, does not fit the target, or its firmware
+    fails to build or run.
+    """
+    from edgeops.firmware import FirmwareError, generate
+    from edgeops.firmware.targets import estimate_usage, get_target
+
+    where = f"cannot release {card.name}:{card.version} as firmware for {target}"
+    with tempfile.TemporaryDirectory(prefix="edgeops-firmware-") as tmp:
+        work = Path(tmp)
+        library_dir = work / prefix
+        try:
+            library = generate(tflite, library_dir, target=target)
+            constants = estimate_usage(
+                library.files["edgeops_model.c"],
+                arena_bytes=library.arena_bytes,
+                input_size=library.input_size,
+                output_size=library.output_size,
+            ).constant_bytes
+            record = Firmware(
+                target=target,
+                arena_bytes=library.arena_bytes,
+                constant_bytes=constants,
+                tflm_arena_bytes=card.arena_bytes,
+                measured_with="generated sources (arena; constant arrays and parameter structs)",
+            )
+            files = _directory_files(library_dir, prefix)
+            if get_target(target).qemu_machine is not None:
+                measured = _measure_on_qemu(
+                    library_dir, work, target, card, (library.input_size, library.output_size)
+                )
+                if measured is not None:
+                    built, elf = measured
+                    record = dataclasses.replace(built, constant_bytes=constants)
+                    files[f"{prefix}/firmware.elf"] = (elf, 0o755)
+        except FirmwareError as exc:
+            raise ReleaseError(f"{where}: {exc}") from None
+    archive = firmware_archive(files)
+    lineage = {
+        **card.lineage,
+        "generated_from_sha256": hashlib.sha256(bytes(tflite)).hexdigest(),
+        "artifact_sha256": hashlib.sha256(archive).hexdigest(),
+    }
+    released = dataclasses.replace(
+        card,
+        runtime=FIRMWARE_CARD_RUNTIME,
+        firmware=record,
+        arena_bytes=record.arena_bytes,
+        flash_bytes=record.flash_bytes,
+        lineage=lineage,
+    )
+    return released, archive
+
+
+def _measure_on_qemu(
+    library_dir: Path, work: Path, target: str, card: ModelCard, sizes: tuple[int, int]
+) -> tuple[Firmware, bytes] | None:
+    """The footprint and instructions per inference of a bare-metal build, with its ELF;
+    None if the Arm toolchain or QEMU is not installed. ``sizes``: the library's input and
+    output sizes."""
+    import numpy as np
+
+    from edgeops.firmware import cortexm
+
+    if not cortexm.toolchain_available():
+        return None
+    input_size, output_size = sizes
+    elf = cortexm.build_firmware(library_dir, work / "build", target)
+    footprint = cortexm.measure_footprint(library_dir, target, build_dir=work / "measure")
+    vectors = [
+        np.asarray(vector["input"], dtype=np.int8).reshape(-1)
+        for vector in card.test_vectors
+        if np.asarray(vector["input"]).size == input_size
+    ][:QEMU_SAMPLES]
+    rng = np.random.default_rng(0)
+    while len(vectors) < QEMU_SAMPLES:
+        vectors.append(rng.integers(-128, 128, input_size, dtype=np.int8))
+    ran = cortexm.run_qemu(elf, np.stack(vectors), output_size, target)
+    record = Firmware(
+        target=target,
+        arena_bytes=footprint.arena_bytes,
+        constant_bytes=None,
+        text_bytes=footprint.text,
+        rodata_bytes=footprint.rodata,
+        data_bytes=footprint.data,
+        bss_bytes=footprint.bss,
+        flash_bytes=footprint.flash_bytes,
+        ram_bytes=footprint.ram_bytes,
+        instructions_per_inference=ran.instructions_per_inference,
+        tflm_arena_bytes=card.arena_bytes,
+        measured_with=(
+            "arm-none-eabi-size (the library's share of the linked harness), qemu-system-arm "
+            f"-icount (mean over {len(vectors)} inputs), constants from the generated sources"
+        ),
+    )
+    return record, elf.read_bytes()
+
+
+def _directory_files(directory: Path, prefix: str) -> dict[str, tuple[bytes, int]]:
+    """Every regular file under ``directory`` as ``{prefix}/{relative path}``: (bytes, mode)."""
+    files: dict[str, tuple[bytes, int]] = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            files[f"{prefix}/{path.relative_to(directory).as_posix()}"] = (path.read_bytes(), mode)
+    return files
+
+
+def firmware_archive(files: Mapping[str, tuple[bytes, int]]) -> bytes:
+    """A deterministic tar of ``files`` (name: (bytes, mode)): sorted names, mtime 0, owner
+    and group 0 without names, ustar format, no compression; the same files give the same
+    bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name in sorted(files):
+            data, mode = files[name]
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = mode
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
