@@ -98,6 +98,17 @@ def test_agent_runs_against_a_real_broker_from_the_agent_extra(
 
 
 def test_firmware_templates_ship_as_package_data(agent_venv: Path) -> None:
-    probe = "import firmware_templates as f; print((f.template_root() / 'README.md').is_file())"
-    result = _run(str(agent_venv), "-c", probe)
+    """Every file of the source tree's templates is in the installed package."""
+    source = Path(__file__).resolve().parent.parent / "firmware_templates"
+    expected = sorted(
+        path.relative_to(source).as_posix()
+        for path in source.rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc")
+    )
+    assert "mps2/startup.c" in expected and "zephyr/CMakeLists.txt" in expected
+    probe = (
+        "import sys; import firmware_templates as f; root = f.template_root(); "
+        "print(all((root / name).is_file() for name in sys.argv[1:]))"
+    )
+    result = _run(str(agent_venv), "-c", probe, *expected)
     assert result.stdout.strip() == "True", result.stderr
