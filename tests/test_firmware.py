@@ -8,7 +8,9 @@ converted to full int8 with a representative dataset, which between them use eve
 strides, SAME and VALID padding, dilation, depth multipliers, per-channel and per-tensor
 scales, fused RELU/RELU6, odd sizes, broadcasting, constant operands, SPACE_TO_BATCH_ND and
 BATCH_TO_SPACE_ND with paddings and crops, and the SHAPE/STRIDED_SLICE/PACK arithmetic of a
-Keras Reshape with a dynamic batch, folded at generation time.
+Keras Reshape with a dynamic batch, folded at generation time. Some of those models are
+converted again with a float32 input and/or output (QUANTIZE first, DEQUANTIZE last) and
+compared bit for bit as floats.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from edgeops.firmware import (
     generate,
     generate_sources,
 )
-from edgeops.firmware.conformance import check_conformance, random_inputs
+from edgeops.firmware.conformance import (
+    check_conformance,
+    random_float_inputs,
+    random_inputs,
+)
 from edgeops.firmware.graph import read_tflite
 from tests.clitools import assert_one_line_error, run_cli
 from tests.test_firmware_cortexm import require_cortex_m_toolchain
@@ -59,9 +65,12 @@ def _convert(
     *,
     per_channel: bool = True,
     dynamic: bool = False,
+    float_input: bool = False,
     float_output: bool = False,
 ) -> bytes:
-    """``model`` as a full-integer int8 .tflite, calibrated on seeded random inputs."""
+    """``model`` as a full-integer int8 .tflite, calibrated on seeded random inputs; with
+    ``float_input``/``float_output`` its input/output stays float32 (the converter adds a
+    QUANTIZE first / a DEQUANTIZE last)."""
     from edgeops._tf import load_tf, native_stderr_silenced
 
     tf, _ = load_tf()
@@ -82,7 +91,7 @@ def _convert(
 
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
+    converter.inference_input_type = tf.float32 if float_input else tf.int8
     converter.inference_output_type = tf.float32 if float_output else tf.int8
     if not per_channel:
         converter._experimental_disable_per_channel = True
@@ -185,15 +194,38 @@ RANDOM_MODELS: dict[str, tuple[Callable[[Any], Any], tuple[int, ...], dict[str, 
 }
 
 
+FLOAT_IO_MODELS: dict[str, tuple[str, dict[str, bool]]] = {
+    "float-in-float-out": ("elementwise", {"float_input": True, "float_output": True}),
+    "float-in": ("conv-per-channel", {"float_input": True}),
+    "float-out": ("dilated", {"float_output": True}),
+}
+"""A second conversion of some random models' Keras models, keeping a float32 input and/or
+output (the converter's default without ``inference_input_type``/``inference_output_type``)."""
+
+
 @pytest.fixture(scope="module")
-def random_models() -> dict[str, bytes]:
+def keras_models() -> dict[str, Any]:
     from edgeops._tf import load_tf
 
     _, keras = load_tf()
+    return {name: build(keras) for name, (build, _, _) in RANDOM_MODELS.items()}
+
+
+@pytest.fixture(scope="module")
+def random_models(keras_models: dict[str, Any]) -> dict[str, bytes]:
     return {
-        name: _convert(build(keras), shape, **options)
-        for name, (build, shape, options) in RANDOM_MODELS.items()
+        name: _convert(keras_models[name], shape, **options)
+        for name, (_, shape, options) in RANDOM_MODELS.items()
     }
+
+
+@pytest.fixture(scope="module")
+def float_io_models(keras_models: dict[str, Any]) -> dict[str, bytes]:
+    converted: dict[str, bytes] = {}
+    for name, (source, edges) in FLOAT_IO_MODELS.items():
+        _, shape, options = RANDOM_MODELS[source]
+        converted[name] = _convert(keras_models[source], shape, **options, **edges)
+    return converted
 
 
 @pytest.fixture(scope="session")
@@ -452,24 +484,135 @@ def test_float_model_is_refused(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_float_output_made_by_dequantize_is_refused(tmp_path: Path) -> None:
-    """Asking the converter for a float output ends the model in DEQUANTIZE; the library's
-    interface is int8 in and out, so it is refused with the conversion that fixes it."""
-    from edgeops._tf import load_tf
+@pytest.mark.parametrize("target", CONFORMANCE_TARGETS)
+@pytest.mark.parametrize("name", sorted(FLOAT_IO_MODELS))
+def test_float_io_model_is_bit_exact_with_tflm(
+    float_io_models: dict[str, bytes], name: str, target: str, tmp_path: Path
+) -> None:
+    """A model with a float32 input (QUANTIZE first) and/or output (DEQUANTIZE last): the
+    library's float conversions around the int8 invoke give the same float32 bits as TFLM
+    running the whole model, on 128 inputs full of exact .5 ties and values past both ends
+    of the int8 range."""
+    if target != "host":
+        require_cortex_m_toolchain()
+    tflite = float_io_models[name]
+    edges = FLOAT_IO_MODELS[name][1]
+    library = generate_sources(tflite)
+    assert (library.float_input, library.float_output) == (
+        edges.get("float_input", False),
+        edges.get("float_output", False),
+    )
+    assert "DEQUANTIZE" not in library.ops and library.ops[0] != "QUANTIZE"
+    if library.float_input:
+        scale, zero_point = library.input_quantization
+        inputs: np.ndarray = random_float_inputs(
+            library.input_size, SAMPLES, scale, zero_point, seed=7
+        )
+        quotients = (inputs / np.float32(scale)).astype(np.float64)
+        assert np.count_nonzero(np.abs(quotients - np.trunc(quotients)) == 0.5) > inputs.size // 4
+        steps = np.round(quotients) + zero_point
+        assert np.count_nonzero(steps > 127) > 0 and np.count_nonzero(steps < -128) > 0
+    else:
+        inputs = random_inputs(library.input_size, SAMPLES, seed=7)
+    report = check_conformance(tflite, inputs, workdir=tmp_path, target=target)
+    assert report.samples == SAMPLES and report.target == target
+    assert (report.float_input, report.float_output) == (library.float_input, library.float_output)
+    assert report.bit_exact, report.to_dict()
 
-    _, keras = load_tf()
-    keras.utils.set_random_seed(8)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    tflite = _convert(model, (4,), float_output=True)
-    with pytest.raises(FloatModelError, match=r"DEQUANTIZE \(#1\)") as caught:
-        generate_sources(tflite)
-    assert "inference_output_type=tf.int8" in str(caught.value)
-    result = run_cli(
-        "edgeops", "firmware", "generate", "--tflite", str(_write(tmp_path, tflite)),
-        "--out", str(tmp_path / "out"),
+
+QUANTIZE_MAIN_C = r"""
+#include <stdio.h>
+#include "edgeops_model.h"
+
+int main(void) {
+    static float input[EDGEOPS_MODEL_INPUT_SIZE];
+    static int8_t output[EDGEOPS_MODEL_INPUT_SIZE];
+    while (fread(input, sizeof input[0], EDGEOPS_MODEL_INPUT_SIZE, stdin) ==
+           EDGEOPS_MODEL_INPUT_SIZE) {
+        edgeops_model_quantize_input(input, output);
+        fwrite(output, 1, sizeof output, stdout);
+    }
+    return 0;
+}
+"""
+
+
+def test_quantize_input_rounds_half_away_from_zero_and_clamps(
+    float_io_models: dict[str, bytes], tmp_path: Path
+) -> None:
+    """``edgeops_model_quantize_input`` alone against TFLM's formula written in numpy:
+    round(x / scale) in float32, ties away from zero (numpy's own rounding is half to even,
+    so the tie cases fail if the C rounds like numpy), plus the zero point, clamped."""
+    import subprocess
+
+    from edgeops.firmware.conformance import HOST_CFLAGS
+
+    library = generate(float_io_models["float-in-float-out"], tmp_path / "lib")
+    scale, zero_point = library.input_quantization
+    s = np.float32(scale)
+    ties = np.arange(-200.5, 200.0, 1.0)  # every tie from -200.5 to 199.5
+    exact = (ties * float(s)).astype(np.float32)
+    exact = exact[(exact / s).astype(np.float64) == ties]
+    assert exact.size > 300 and (exact < 0).sum() > 100
+    extremes = np.array([1e30, -1e30, np.inf, -np.inf, 0.0, -0.0], dtype=np.float32)
+    values = np.concatenate(
+        [exact, extremes, random_float_inputs(64, 8, scale, zero_point).ravel()]
+    )
+    values = np.resize(values, -(-values.size // library.input_size) * library.input_size)
+    quotient = (values / s).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        rounded = np.sign(quotient) * np.floor(np.abs(quotient) + 0.5)
+    expected = np.clip(rounded + zero_point, -128, 127).astype(np.int8)
+    main = tmp_path / "quantize_main.c"
+    main.write_text(QUANTIZE_MAIN_C)
+    executable = tmp_path / "quantize"
+    lib = tmp_path / "lib"
+    subprocess.run(
+        ["gcc", *HOST_CFLAGS, "-I", str(lib), str(lib / "edgeops_model.c"),
+         str(lib / "edgeops_kernels.c"), str(main), "-o", str(executable)],
+        check=True, capture_output=True,
     )  # fmt: skip
-    assert_one_line_error(result, "DEQUANTIZE", "inference_output_type=tf.int8")
-    assert not (tmp_path / "out").exists()
+    ran = subprocess.run(
+        [str(executable)], input=values.astype("<f4").tobytes(), capture_output=True, check=True
+    )
+    ours = np.frombuffer(ran.stdout, dtype=np.int8)
+    np.testing.assert_array_equal(ours, expected)
+    assert np.count_nonzero(ours != np.clip(np.round(quotient) + zero_point, -128, 127)) > 50
+
+
+def test_float_io_library_adds_the_conversions_only_for_float_edges(
+    float_io_models: dict[str, bytes], random_models: dict[str, bytes], tmp_path: Path
+) -> None:
+    float_io = generate(float_io_models["float-in-float-out"], tmp_path / "float")
+    header = (tmp_path / "float" / "edgeops_model.h").read_text()
+    assert "#define EDGEOPS_MODEL_FLOAT_INPUT 1" in header
+    assert "#define EDGEOPS_MODEL_FLOAT_OUTPUT 1" in header
+    assert "void edgeops_model_quantize_input(const float *input, int8_t *output);" in header
+    assert "void edgeops_model_dequantize_output(const int8_t *input, float *output);" in header
+    assert "int edgeops_model_invoke(const int8_t *input, int8_t *output);" in header
+    manifest = json.loads((tmp_path / "float" / "edgeops_model.json").read_text())
+    assert manifest["float_input"] is True and manifest["float_output"] is True
+    assert float_io.summary()["float_input"] is True
+    # the same Keras model converted int8 in, int8 out: the same invoke, no float symbols
+    int8 = generate(random_models["elementwise"], tmp_path / "int8")
+    assert int8.ops == float_io.ops
+    int8_header = (tmp_path / "int8" / "edgeops_model.h").read_text()
+    int8_source = (tmp_path / "int8" / "edgeops_model.c").read_text()
+    assert "FLOAT" not in int8_header and "float" not in int8_header + int8_source
+    manifest = json.loads((tmp_path / "int8" / "edgeops_model.json").read_text())
+    assert manifest["float_input"] is False and manifest["float_output"] is False
+    only_out = generate_sources(float_io_models["float-out"])
+    assert "EDGEOPS_MODEL_FLOAT_INPUT" not in only_out.files["edgeops_model.h"]
+    assert "quantize_input" not in only_out.files["edgeops_model.c"]
+    assert "EDGEOPS_MODEL_FLOAT_OUTPUT" in only_out.files["edgeops_model.h"]
+    result = run_cli(
+        "edgeops", "firmware", "generate", "--tflite",
+        str(_write(tmp_path, float_io_models["float-in"])), "--out", str(tmp_path / "cli"),
+        "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert (document["float_input"], document["float_output"]) == (True, False)
 
 
 def test_unsupported_operator_is_named_at_generation_time(tmp_path: Path) -> None:

@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 
 from edgeops.firmware import FirmwareError, generate
-from edgeops.firmware.conformance import build_host, check_conformance, random_inputs, run_host
+from edgeops.firmware.conformance import (
+    build_host,
+    check_conformance,
+    random_float_inputs,
+    random_inputs,
+    run_host,
+)
 from edgeops.firmware.cortexm import (
     INSTRUCTIONS_PER_TICK,
     Footprint,
@@ -56,17 +62,30 @@ QEMU_TARGETS = ("mps2-an385", "mps2-an386")
 
 
 @functools.cache
-def small_tflite() -> bytes:
-    """A two-layer int8 MLP (16 -> 8 -> 4), converted once per test process."""
+def _small_model() -> Any:
     from edgeops._tf import load_tf
-    from tests.test_firmware import _convert
 
     _, keras = load_tf()
     keras.utils.set_random_seed(11)
-    model = keras.Sequential(
+    return keras.Sequential(
         [keras.Input((16,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(4)]
     )
-    return _convert(model, (16,))
+
+
+@functools.cache
+def small_tflite() -> bytes:
+    """A two-layer int8 MLP (16 -> 8 -> 4), converted once per test process."""
+    from tests.test_firmware import _convert
+
+    return _convert(_small_model(), (16,))
+
+
+@functools.cache
+def small_float_io_tflite() -> bytes:
+    """The same MLP with a float32 input and output (QUANTIZE first, DEQUANTIZE last)."""
+    from tests.test_firmware import _convert
+
+    return _convert(_small_model(), (16,), float_input=True, float_output=True)
 
 
 @functools.cache
@@ -143,6 +162,31 @@ def test_conformance_under_qemu_covers_the_fixed_point_kernels(tmp_path: Path) -
     assert report.instructions_per_inference > 0
     assert {"TANH", "LOGISTIC", "ADD", "MUL"} <= set(report.ops)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", QEMU_TARGETS)
+def test_float_io_model_on_cortex_m_equals_tflm_bit_for_bit(target: str, tmp_path: Path) -> None:
+    """Float32 in, float32 out on the Cortex-M3 and M4 (soft float): the library's QUANTIZE
+    and DEQUANTIZE functions around the int8 invoke give the bits of TFLM and of the host
+    build, and the footprint stays under the estimate."""
+    from edgeops.evaluate.tflm import tflm_run
+
+    tflite = small_float_io_tflite()
+    library = generate(tflite, tmp_path / "lib", target=target)
+    assert library.float_input and library.float_output
+    scale, zero_point = library.input_quantization
+    inputs = random_float_inputs(16, SAMPLES, scale, zero_point, seed=9)
+    footprint, run = measure(tflite, target, inputs=inputs)
+    assert run is not None and run.outputs.dtype == np.float32
+    assert run.outputs.shape == (SAMPLES, 4)
+    tflm = np.asarray(tflm_run(tflite, inputs).outputs, dtype="<f4").reshape(SAMPLES, -1)
+    host = run_host(build_host(tmp_path / "lib", tmp_path / "host"), inputs, 4, float_output=True)
+    assert run.outputs.tobytes() == tflm.tobytes()
+    assert host.tobytes() == tflm.tobytes()
+    assert len({row.tobytes() for row in run.outputs}) > SAMPLES // 2
+    assert library.usage is not None
+    assert footprint.flash_bytes <= library.usage.flash_bytes
+    assert footprint.ram_bytes <= library.usage.ram_bytes
 
 
 def _int8_constant_bytes(library_dir: Path) -> int:

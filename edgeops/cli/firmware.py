@@ -54,7 +54,11 @@ def generate_command(
     ] = None,
     tflite: Annotated[
         Path | None,
-        typer.Option("--tflite", help="a full-integer int8 .tflite file", dir_okay=False),
+        typer.Option(
+            "--tflite",
+            help="an int8 .tflite file (int8 or float32 input and output)",
+            dir_okay=False,
+        ),
     ] = None,
     target: Annotated[str, typer.Option(help=_TARGET_HELP)] = "host",
     flash_bytes: Annotated[
@@ -93,7 +97,11 @@ def generate_command(
     typer.echo(f"wrote {out_dir} (target {target})")
     typer.echo(f"target: {chosen.description}")
     typer.echo(f"arena: {library.arena_bytes} bytes")
-    typer.echo(f"input: {library.input_size} int8, output: {library.output_size} int8")
+    input_type = "float32" if library.float_input else "int8"
+    output_type = "float32" if library.float_output else "int8"
+    typer.echo(
+        f"input: {library.input_size} {input_type}, output: {library.output_size} {output_type}"
+    )
     typer.echo(f"ops ({len(library.ops)}): {', '.join(library.ops)}")
     if library.folded:
         typer.echo(f"folded at generation time: {', '.join(library.folded)}")

@@ -97,16 +97,17 @@ class TflmRun:
     """What one run of a batch on the TFLM interpreter gave."""
 
     outputs: np.ndarray
-    """The output tensors as TFLM holds them (int8 for a full-integer model), one row per
-    sample."""
+    """The output tensors as TFLM holds them (int8 for a full-integer model, float32 for one
+    whose output a DEQUANTIZE makes), one row per sample."""
     arena_bytes: int
     invoke_ms_median: float
     """Median wall time of one invoke on this CPU (TFLM's reference kernels)."""
 
 
 def tflm_run(tflite: bytes, inputs: np.ndarray) -> TflmRun:
-    """Run a batch of input tensors (in the input tensor's own dtype, one sample per row) on
-    the TFLM interpreter, one invoke per sample; :class:`RuntimeLoadError` if TFLM cannot."""
+    """Run a batch of input tensors (in the input tensor's own dtype, one sample per row:
+    float32 for a model whose input a QUANTIZE reads) on the TFLM interpreter, one invoke per
+    sample; :class:`RuntimeLoadError` if TFLM cannot."""
     payload = io.BytesIO()
     np.savez(payload, model=np.frombuffer(bytes(tflite), dtype=np.uint8), inputs=inputs)
     result = _probe(["--run"], payload.getvalue(), f"scoring {len(inputs)} samples")

@@ -81,6 +81,20 @@ int edgeops_model_invoke(const int8_t *input, int8_t *output) {
     (void)output;
     return 0;
 }
+
+#ifdef EDGEOPS_MODEL_FLOAT_INPUT
+void edgeops_model_quantize_input(const float *input, int8_t *output) {
+    (void)input;
+    (void)output;
+}
+#endif
+
+#ifdef EDGEOPS_MODEL_FLOAT_OUTPUT
+void edgeops_model_dequantize_output(const int8_t *input, float *output) {
+    (void)input;
+    (void)output;
+}
+#endif
 """
 
 
@@ -116,7 +130,7 @@ class QemuRun:
     """Outputs of a run under QEMU and its latency proxy."""
 
     outputs: np.ndarray
-    """int8, (samples, output_size)."""
+    """int8 (float32 for a library with a float output), (samples, output_size)."""
     instructions_per_inference: int
     """Mean guest instructions per invoke (``-icount shift=0``), to within one timer tick."""
 
@@ -292,14 +306,19 @@ def measure_footprint(
     )
 
 
-def run_qemu(elf: Path, inputs: np.ndarray, output_size: int, target: str) -> QemuRun:
-    """Run ``elf`` (from :func:`build_firmware`) under QEMU on ``inputs`` (int8, one sample
-    per row): its outputs and the mean instructions per inference."""
+def run_qemu(
+    elf: Path, inputs: np.ndarray, output_size: int, target: str, *, float_output: bool = False
+) -> QemuRun:
+    """Run ``elf`` (from :func:`build_firmware`) under QEMU on ``inputs`` (one sample per
+    row: int8, or float32 for a library with a float input): its outputs (int8, or float32
+    with ``float_output``) and the mean instructions per inference."""
     chosen = _cortex_m(target)
     if chosen.qemu_machine is None:
         raise FirmwareError(f"target {target} has no QEMU machine; use mps2-an385 or mps2-an386")
     _require_toolchain(qemu=True)
-    batch = np.ascontiguousarray(np.asarray(inputs, dtype=np.int8).reshape(len(inputs), -1))
+    array = np.asarray(inputs)
+    dtype = "<f4" if np.issubdtype(array.dtype, np.floating) else np.int8
+    batch = np.ascontiguousarray(array.astype(dtype, copy=False).reshape(len(array), -1))
     if len(batch) == 0:
         raise FirmwareError("run_qemu needs at least one input sample")
     elf = Path(elf).resolve()
@@ -346,10 +365,13 @@ def run_qemu(elf: Path, inputs: np.ndarray, output_size: int, target: str) -> Qe
             )
         raw = (work / "edgeops_outputs.bin").read_bytes()
         ticks = np.frombuffer((work / "edgeops_ticks.bin").read_bytes(), dtype="<u4")
-    outputs = np.frombuffer(raw, dtype=np.int8)
+    outputs = np.frombuffer(
+        raw[: len(raw) - len(raw) % 4] if float_output else raw,
+        dtype="<f4" if float_output else np.int8,
+    )
     if outputs.size != len(batch) * output_size or len(ticks) != len(batch):
         raise FirmwareError(
-            f"{elf.name} wrote {outputs.size} output bytes and {len(ticks)} timings for "
+            f"{elf.name} wrote {outputs.size} output values and {len(ticks)} timings for "
             f"{len(batch)} samples of {output_size} (is the input size right?)"
         )
     mean_ticks = float(np.mean(ticks.astype(np.float64)))
@@ -365,7 +387,7 @@ def measure(
     """Generate ``tflite`` for ``target`` into a temporary directory, build it, size it and,
     when the target runs under QEMU, run it on ``inputs`` (default: 16 seeded random
     inputs). The run is None for a Cortex-M target without a QEMU machine."""
-    from edgeops.firmware.conformance import as_samples, random_inputs
+    from edgeops.firmware.conformance import as_samples, random_float_inputs, random_inputs
     from edgeops.firmware.emit import generate
 
     chosen = _cortex_m(target)
@@ -376,8 +398,13 @@ def measure(
         footprint = measure_footprint(root / "lib", target, build_dir=root / "size")
         if chosen.qemu_machine is None:
             return footprint, None
-        if inputs is None:
+        if inputs is None and library.float_input:
+            scale, zero_point = library.input_quantization
+            inputs = random_float_inputs(library.input_size, MEASURE_SAMPLES, scale, zero_point)
+        elif inputs is None:
             inputs = random_inputs(library.input_size, MEASURE_SAMPLES)
-        batch = as_samples(inputs, library.input_size)
+        batch = as_samples(inputs, library.input_size, float_input=library.float_input)
         elf = build_firmware(root / "lib", root / "build", target)
-        return footprint, run_qemu(elf, batch, library.output_size, target)
+        return footprint, run_qemu(
+            elf, batch, library.output_size, target, float_output=library.float_output
+        )

@@ -8,7 +8,10 @@ The library:
 
 - ``edgeops_model.h``: ``edgeops_model_init()``, ``edgeops_model_invoke(input, output)``,
   the sizes ``EDGEOPS_MODEL_INPUT_SIZE``, ``EDGEOPS_MODEL_OUTPUT_SIZE`` and
-  ``EDGEOPS_MODEL_ARENA_SIZE``, and the input/output quantization;
+  ``EDGEOPS_MODEL_ARENA_SIZE``, and the input/output quantization; for a model with a
+  float32 input (output) also ``edgeops_model_quantize_input`` and
+  ``EDGEOPS_MODEL_FLOAT_INPUT`` (``edgeops_model_dequantize_output`` and
+  ``EDGEOPS_MODEL_FLOAT_OUTPUT``), its QUANTIZE (DEQUANTIZE) as TFLM computes it;
 - ``edgeops_model.c``: weights, biases, multipliers and shifts as ``const`` arrays, one
   static arena, and the operators in order as kernel calls;
 - ``edgeops_kernels.h`` / ``edgeops_kernels.c``: the integer kernels;
@@ -82,6 +85,10 @@ class GeneratedLibrary:
     project_files: list[str] = field(default_factory=list)
     usage: Usage | None = None
     """The flash and RAM estimate checked against the target's limits."""
+    float_input: bool = False
+    """The model's input is float32: the library adds ``edgeops_model_quantize_input``."""
+    float_output: bool = False
+    """The model's output is float32: the library adds ``edgeops_model_dequantize_output``."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -98,6 +105,8 @@ class GeneratedLibrary:
             "input_zero_point": self.input_quantization[1],
             "output_scale": self.output_quantization[0],
             "output_zero_point": self.output_quantization[1],
+            "float_input": self.float_input,
+            "float_output": self.float_output,
             "files": sorted(self.files),
         }
 
@@ -129,13 +138,108 @@ void edgeops_model_init(void);
 /* Runs the model on EDGEOPS_MODEL_INPUT_SIZE int8 values and writes
  * EDGEOPS_MODEL_OUTPUT_SIZE int8 values. Returns 0. Not reentrant: one arena. */
 int edgeops_model_invoke(const int8_t *input, int8_t *output);
-
+{_float_declarations(graph)}
 #ifdef __cplusplus
 }}
 #endif
 
 #endif /* EDGEOPS_MODEL_H */
 """
+
+
+def _float_declarations(graph: Graph) -> str:
+    """The header's float conversions, for a model with a float32 input or output."""
+    parts: list[str] = []
+    if graph.float_input is not None:
+        parts.append(
+            """
+/* The model's input is float32: its first operator, QUANTIZE, is this function.
+ * EDGEOPS_MODEL_INPUT_SIZE floats to the int8 input of edgeops_model_invoke:
+ * round(x / scale) (float32 division, ties away from zero) + zero point, clamped to int8. */
+#define EDGEOPS_MODEL_FLOAT_INPUT 1
+void edgeops_model_quantize_input(const float *input, int8_t *output);
+"""
+        )
+    if graph.float_output is not None:
+        parts.append(
+            """
+/* The model's output is float32: its last operator, DEQUANTIZE, is this function.
+ * EDGEOPS_MODEL_OUTPUT_SIZE int8 outputs of edgeops_model_invoke to floats:
+ * scale * (q - zero point). */
+#define EDGEOPS_MODEL_FLOAT_OUTPUT 1
+void edgeops_model_dequantize_output(const int8_t *input, float *output);
+"""
+        )
+    return "".join(parts)
+
+
+def _float_functions(graph: Graph) -> list[str]:
+    """The C of the float conversions (empty for an int8 model).
+
+    QUANTIZE is TFLM's reference ``AffineQuantize`` for a float input: the float32 quotient
+    ``x / scale``, rounded half away from zero (``std::round``), as int32, plus the zero
+    point, clamped to int8. The rounding is written out without libm: the quotient is first
+    clamped to [-256, 256] (rounding commutes with clamping to integers, and any zero point
+    maps both bounds outside int8), so the truncating conversion is always defined; the
+    fraction ``y - trunc(y)`` is exact in float32. NaN becomes -128.
+
+    DEQUANTIZE is TFLM's reference ``Dequantize``: ``(float)(double(scale) * (q - zp))``.
+    The double product of a float32 scale and an integer of at most 9 bits is exact, so its
+    one rounding to float32 is the float32 product's own rounding: the float32 multiply
+    here gives the same bits without double arithmetic (none on a Cortex-M4F's FPU).
+    """
+    lines: list[str] = []
+    if graph.float_input is not None:
+        lines += [
+            "/* QUANTIZE (float32 to int8), as TFLM's reference kernel. */",
+            "static int8_t eo_quantize_float(float x) {",
+            "    float y = x / EDGEOPS_MODEL_INPUT_SCALE;",
+            "    float fraction;",
+            "    int32_t q;",
+            "    if (!(y >= -256.0f)) { /* NaN too */",
+            "        y = -256.0f;",
+            "    }",
+            "    if (y > 256.0f) {",
+            "        y = 256.0f;",
+            "    }",
+            "    q = (int32_t)y; /* toward zero */",
+            "    fraction = y - (float)q;",
+            "    if (fraction >= 0.5f) {",
+            "        ++q;",
+            "    } else if (fraction <= -0.5f) {",
+            "        --q;",
+            "    }",
+            "    q += EDGEOPS_MODEL_INPUT_ZERO_POINT;",
+            "    if (q < -128) {",
+            "        q = -128;",
+            "    }",
+            "    if (q > 127) {",
+            "        q = 127;",
+            "    }",
+            "    return (int8_t)q;",
+            "}",
+            "",
+            "void edgeops_model_quantize_input(const float *input, int8_t *output) {",
+            "    int32_t i;",
+            "    for (i = 0; i < EDGEOPS_MODEL_INPUT_SIZE; ++i) {",
+            "        output[i] = eo_quantize_float(input[i]);",
+            "    }",
+            "}",
+            "",
+        ]
+    if graph.float_output is not None:
+        lines += [
+            "/* DEQUANTIZE (int8 to float32), as TFLM's reference kernel. */",
+            "void edgeops_model_dequantize_output(const int8_t *input, float *output) {",
+            "    int32_t i;",
+            "    for (i = 0; i < EDGEOPS_MODEL_OUTPUT_SIZE; ++i) {",
+            "        output[i] = EDGEOPS_MODEL_OUTPUT_SCALE *",
+            "                    (float)((int32_t)input[i] - EDGEOPS_MODEL_OUTPUT_ZERO_POINT);",
+            "    }",
+            "}",
+            "",
+        ]
+    return lines
 
 
 def _template_files(directory: str) -> dict[str, tuple[str, bool]]:
@@ -251,11 +355,16 @@ def generate_sources(
             "    return 0;",
             "}",
             "",
+            *_float_functions(graph),
         ]
     )
     x, y = graph.tensor(graph.inputs[0]), graph.tensor(graph.outputs[0])
+    # the caller's buffers: a float32 edge needs its float array and the int8 tensor
     usage = estimate_usage(
-        model_c, arena_bytes=plan.arena_bytes, input_size=x.size, output_size=y.size
+        model_c,
+        arena_bytes=plan.arena_bytes,
+        input_size=x.size * (5 if graph.float_input is not None else 1),
+        output_size=y.size * (5 if graph.float_output is not None else 1),
     )
     check_limits(usage, chosen, chosen.limits.override(limits))
     sha256 = hashlib.sha256(bytes(tflite)).hexdigest()
@@ -288,6 +397,8 @@ def generate_sources(
         target=target,
         project_files=sorted(project),
         usage=usage,
+        float_input=graph.float_input is not None,
+        float_output=graph.float_output is not None,
     )
     manifest = {**library.summary(), "source_sha256": sha256}
     manifest["files"] = sorted(LIBRARY_FILES)

@@ -96,6 +96,12 @@ class Graph:
     outputs: list[int]
     folded: list[str] = field(default_factory=list)
     """Operators evaluated at generation time (their names, in order)."""
+    float_input: Tensor | None = None
+    """The model's float32 input, when a QUANTIZE (taken out of :attr:`operators`) turned it
+    into the int8 tensor :attr:`inputs` names."""
+    float_output: Tensor | None = None
+    """The model's float32 output, when a DEQUANTIZE (taken out of :attr:`operators`) made it
+    from the int8 tensor :attr:`outputs` names."""
 
     def tensor(self, index: int) -> Tensor:
         return self.tensors[index]
@@ -124,6 +130,10 @@ def _options(options: Any) -> dict[str, Any]:
 
 def read_tflite(flatbuffer: bytes) -> Graph:
     """Parse ``flatbuffer`` into a :class:`Graph` and fold its static shape arithmetic.
+
+    A float32 input quantized by one QUANTIZE, or a float32 output made by one DEQUANTIZE,
+    is taken off: the graph starts and ends at the int8 tensors (:attr:`Graph.float_input`,
+    :attr:`Graph.float_output`).
 
     :class:`FirmwareError` if it is not a readable .tflite, :class:`FloatModelError` if it
     computes in floating point, :class:`UnsupportedModelError` for more than one subgraph.
@@ -195,46 +205,63 @@ def read_tflite(flatbuffer: bytes) -> Graph:
         [int(i) for i in subgraph.inputs],
         [int(i) for i in subgraph.outputs],
     )
+    _float_edges(graph)
     _check_integer(graph)
     _fold(graph)
     return graph
 
 
-def _edge_operator(graph: Graph, index: int, side: str) -> str:
-    """The clause naming the QUANTIZE that reads a float model input, or the DEQUANTIZE that
-    writes a float model output (an int8 model with float edges), and the conversion that
-    removes it; ``""`` if there is none."""
-    for op in graph.operators:
-        if side == "input" and index in op.inputs and op.op == "QUANTIZE":
-            return (
-                f", quantized by QUANTIZE (#{op.index}); the library takes int8 input: "
-                "convert with inference_input_type=tf.int8"
-            )
-        if side == "output" and index in op.outputs and op.op == "DEQUANTIZE":
-            return (
-                f", made by DEQUANTIZE (#{op.index}); the library returns int8 output: "
-                "convert with inference_output_type=tf.int8"
-            )
-    return ""
+def _float_edges(graph: Graph) -> None:
+    """Take a float32 model input's leading QUANTIZE and a float32 model output's trailing
+    DEQUANTIZE out of the graph: the int8 tensors between them become the graph's input and
+    output, and :attr:`Graph.float_input` / :attr:`Graph.float_output` keep the float
+    tensors, whose conversion the library offers as functions of its own."""
+    if len(graph.inputs) == 1 and graph.tensor(graph.inputs[0]).dtype == "FLOAT32":
+        index = graph.inputs[0]
+        readers = [op for op in graph.operators if index in op.inputs]
+        if len(readers) == 1 and _converts(graph, readers[0], "QUANTIZE", index):
+            graph.operators.remove(readers[0])
+            graph.inputs = [readers[0].outputs[0]]
+            graph.float_input = graph.tensor(index)
+    if len(graph.outputs) == 1 and graph.tensor(graph.outputs[0]).dtype == "FLOAT32":
+        index = graph.outputs[0]
+        writers = [op for op in graph.operators if index in op.outputs]
+        if len(writers) == 1 and _converts(graph, writers[0], "DEQUANTIZE", index):
+            graph.operators.remove(writers[0])
+            graph.outputs = [writers[0].inputs[0]]
+            graph.float_output = graph.tensor(index)
+
+
+def _converts(graph: Graph, op: Operator, name: str, float_index: int) -> bool:
+    """Whether ``op`` is the ``name`` operator between the float32 tensor ``float_index`` and
+    one per-tensor int8 tensor."""
+    if op.op != name or len(op.inputs) != 1 or len(op.outputs) != 1:
+        return False
+    other = op.outputs[0] if name == "QUANTIZE" else op.inputs[0]
+    if (op.inputs[0] if name == "QUANTIZE" else op.outputs[0]) != float_index:
+        return False
+    tensor = graph.tensor(other)
+    return (
+        tensor.dtype == "INT8"
+        and len(tensor.scales) == 1
+        and tensor.scales[0] > 0.0
+        and not tensor.is_constant
+        and other not in graph.inputs + graph.outputs
+    )
 
 
 def _check_integer(graph: Graph) -> None:
-    edges: list[str] = []
     for index in graph.inputs + graph.outputs:
         tensor = graph.tensor(index)
         if tensor.dtype != "INT8":
             side = "input" if index in graph.inputs else "output"
-            edge = _edge_operator(graph, index, side)
-            if not edge:
-                raise FloatModelError(
-                    f"the model's {side} {tensor.name!r} is {tensor.dtype}; a full-integer "
-                    "int8 model is required (convert with a representative dataset, "
-                    "supported_ops=[TFLITE_BUILTINS_INT8], inference_input_type and "
-                    "inference_output_type int8)"
-                )
-            edges.append(f"the model's {side} {tensor.name!r} is {tensor.dtype}{edge}")
-    if edges:
-        raise FloatModelError("; ".join(edges))
+            raise FloatModelError(
+                f"the model's {side} {tensor.name!r} is {tensor.dtype}; a full-integer int8 "
+                "model is required (convert with a representative dataset and "
+                "supported_ops=[TFLITE_BUILTINS_INT8]; a float32 input or output is "
+                "accepted only through one QUANTIZE or DEQUANTIZE to a per-tensor int8 "
+                "tensor)"
+            )
     for op in graph.operators:
         for index in op.inputs + op.outputs:
             if index < 0:

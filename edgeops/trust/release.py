@@ -56,6 +56,7 @@ from edgeops.trust.repository import TrustRepository
 
 if TYPE_CHECKING:
     from edgeops.data import DatasetService
+    from edgeops.firmware import GeneratedLibrary
     from edgeops.registry import Registry
 
 __all__ = [
@@ -333,9 +334,7 @@ def build_firmware_release(
             )
             files = _directory_files(library_dir, prefix)
             if get_target(target).qemu_machine is not None:
-                measured = _measure_on_qemu(
-                    library_dir, work, target, card, (library.input_size, library.output_size)
-                )
+                measured = _measure_on_qemu(library_dir, work, target, card, library)
                 if measured is not None:
                     built, elf = measured
                     record = dataclasses.replace(built, constant_bytes=constants)
@@ -360,29 +359,38 @@ def build_firmware_release(
 
 
 def _measure_on_qemu(
-    library_dir: Path, work: Path, target: str, card: ModelCard, sizes: tuple[int, int]
+    library_dir: Path, work: Path, target: str, card: ModelCard, library: GeneratedLibrary
 ) -> tuple[Firmware, bytes] | None:
     """The footprint and instructions per inference of a bare-metal build, with its ELF;
-    None if the Arm toolchain or QEMU is not installed. ``sizes``: the library's input and
-    output sizes."""
+    None if the Arm toolchain or QEMU is not installed. The inputs are the card's test
+    vectors of the library's input size, filled up with seeded random ones (float32 tensors
+    that quantize across the whole int8 range for a model with a float input)."""
     import numpy as np
 
     from edgeops.firmware import cortexm
+    from edgeops.firmware.conformance import random_float_inputs
 
     if not cortexm.toolchain_available():
         return None
-    input_size, output_size = sizes
+    input_size, output_size = library.input_size, library.output_size
+    dtype = np.float32 if library.float_input else np.int8
     elf = cortexm.build_firmware(library_dir, work / "build", target)
     footprint = cortexm.measure_footprint(library_dir, target, build_dir=work / "measure")
     vectors = [
-        np.asarray(vector["input"], dtype=np.int8).reshape(-1)
+        np.asarray(vector["input"], dtype=dtype).reshape(-1)
         for vector in card.test_vectors
         if np.asarray(vector["input"]).size == input_size
     ][:QEMU_SAMPLES]
-    rng = np.random.default_rng(0)
-    while len(vectors) < QEMU_SAMPLES:
-        vectors.append(rng.integers(-128, 128, input_size, dtype=np.int8))
-    ran = cortexm.run_qemu(elf, np.stack(vectors), output_size, target)
+    missing = QEMU_SAMPLES - len(vectors)
+    if missing > 0 and library.float_input:
+        scale, zero_point = library.input_quantization
+        vectors.extend(random_float_inputs(input_size, missing, scale, zero_point))
+    elif missing > 0:
+        rng = np.random.default_rng(0)
+        vectors.extend(rng.integers(-128, 128, (missing, input_size)).astype(np.int8))
+    ran = cortexm.run_qemu(
+        elf, np.stack(vectors), output_size, target, float_output=library.float_output
+    )
     record = Firmware(
         target=target,
         arena_bytes=footprint.arena_bytes,

@@ -1,9 +1,11 @@
 /* EdgeOps bare-metal harness for QEMU's mps2-an385 / mps2-an386.
  *
- * Reads int8 input tensors (EDGEOPS_MODEL_INPUT_SIZE bytes each, back to back) from the
- * host file edgeops_inputs.bin through semihosting, runs the model on each, and writes the
- * output tensors to edgeops_outputs.bin and, per sample, the ticks of the 25 MHz CMSDK APB
- * timer 0 that the invoke took (uint32, little-endian) to edgeops_ticks.bin. Under
+ * Reads int8 input tensors (EDGEOPS_MODEL_INPUT_SIZE values each, back to back; float32
+ * where the model's input is float32) from the host file edgeops_inputs.bin through
+ * semihosting, runs the model on each, and writes the output tensors (int8, or float32) to
+ * edgeops_outputs.bin and, per sample, the ticks of the 25 MHz CMSDK APB timer 0 that the
+ * inference (with the float conversions, if any) took (uint32, little-endian) to
+ * edgeops_ticks.bin. Under
  * `qemu-system-arm -icount shift=0` one guest instruction advances the virtual clock by
  * 1 ns, so one tick is 40 instructions. Exit status 0 on success. */
 #include <stdint.h>
@@ -46,8 +48,20 @@ static void eo_print_number(const char *label, uint32_t value) {
 }
 
 int main(void) {
+#ifdef EDGEOPS_MODEL_FLOAT_INPUT
+    static float input[EDGEOPS_MODEL_INPUT_SIZE];
+    static int8_t input_q[EDGEOPS_MODEL_INPUT_SIZE];
+#else
     static int8_t input[EDGEOPS_MODEL_INPUT_SIZE];
+    int8_t *const input_q = input;
+#endif
+#ifdef EDGEOPS_MODEL_FLOAT_OUTPUT
+    static float output[EDGEOPS_MODEL_OUTPUT_SIZE];
+    static int8_t output_q[EDGEOPS_MODEL_OUTPUT_SIZE];
+#else
     static int8_t output[EDGEOPS_MODEL_OUTPUT_SIZE];
+    int8_t *const output_q = output;
+#endif
     uint32_t samples = 0;
     uint32_t total_ticks = 0;
     int32_t inputs = eo_open("edgeops_inputs.bin", EO_OPEN_READ_BINARY);
@@ -62,7 +76,14 @@ int main(void) {
     while (eo_read(inputs, input, sizeof input) == sizeof input) {
         uint32_t before = EO_TIMER_VALUE;
         uint32_t after;
-        int status = edgeops_model_invoke(input, output);
+        int status;
+#ifdef EDGEOPS_MODEL_FLOAT_INPUT
+        edgeops_model_quantize_input(input, input_q);
+#endif
+        status = edgeops_model_invoke(input_q, output_q);
+#ifdef EDGEOPS_MODEL_FLOAT_OUTPUT
+        edgeops_model_dequantize_output(output_q, output);
+#endif
         after = EO_TIMER_VALUE;
         if (status != 0) {
             eo_print("edgeops: invoke failed\n");
