@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
@@ -408,7 +408,14 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        """Parse and check a card's JSON object; CardError names the first bad field."""
+        """Parse and check a card's JSON object; CardError names the first bad field. The
+        card shares nothing with ``data``."""
+        return cls._parse(data, _copy)
+
+    @classmethod
+    def _parse(cls, data: Mapping[str, Any], copy: Callable[[Any], Any]) -> Self:
+        """:meth:`from_dict`, with ``copy`` applied to the free-form parts: a deep copy, or
+        nothing when ``data`` was made for this card alone (:meth:`from_json`)."""
         where = "model card"
         data = _mapping(data, where)
         schema = data.get("schema", CARD_SCHEMA_VERSION)
@@ -446,14 +453,14 @@ class ModelCard:
             op_set=list(op_set),
             arena_bytes=_optional_size(data, "arena_bytes", where),
             flash_bytes=_optional_size(data, "flash_bytes", where),
-            preprocessing=_copy(_field(data, "preprocessing", dict, where, default={})),
-            reference=_copy(_field(data, "reference", dict, where, default={})),
-            test_vectors=_copy(vectors),
-            metrics=_copy(_field(data, "metrics", dict, where, default={})),
-            lineage=_copy(_field(data, "lineage", dict, where, default={})),
+            preprocessing=copy(_field(data, "preprocessing", dict, where, default={})),
+            reference=copy(_field(data, "reference", dict, where, default={})),
+            test_vectors=copy(vectors),
+            metrics=copy(_field(data, "metrics", dict, where, default={})),
+            lineage=copy(_field(data, "lineage", dict, where, default={})),
             min_agent_version=_field(data, "min_agent_version", str, where, default="0.1.0"),
             firmware=firmware,
-            extra={k: _copy(v) for k, v in data.items() if k not in {*cls._FIELDS, "schema"}},
+            extra={k: copy(v) for k, v in data.items() if k not in {*cls._FIELDS, "schema"}},
         )
 
     @classmethod
@@ -462,7 +469,7 @@ class ModelCard:
             data = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise CardError(f"model card is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return cls._parse(data, _identity)  # json.loads made data for this card alone
 
     def to_markdown(self) -> str:
         """The card for people: facts, tensors, resources, metrics, lineage, preprocessing."""
@@ -578,6 +585,10 @@ def _optional_size(data: Mapping[str, Any], key: str, where: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise CardError(f"{where}: field {key!r} must be a non-negative integer or null")
+    return value
+
+
+def _identity(value: Any) -> Any:
     return value
 
 

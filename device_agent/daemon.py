@@ -652,18 +652,19 @@ class AgentDaemon:
             or self._state_changed.is_set()
         )
         if due and self.link.connected:
-            self._publish_state()
-            self._write_health("connected")
+            slots = self.slots()  # read once for both documents
+            self._publish_state(slots)
+            self._write_health("connected", slots)
         elif time.monotonic() - self._health_written_at >= self.settings.heartbeat_s:
             self._write_health(self._status())  # the counters stay current while offline
 
-    def _publish_state(self) -> None:
+    def _publish_state(self, slots: dict[str, Any] | None = None) -> None:
         self._state_changed.clear()
         report = StateReport(
             device_id=self.device_id,
             agent_version=__version__,
             hardware=self.hardware,
-            slots=self.slots(),
+            slots=self.slots() if slots is None else slots,
             update_state=str(self.updates.state),
             health="model_error" if self._model_error else "ok",
             free_memory_bytes=_meminfo_bytes("MemAvailable"),
@@ -686,7 +687,7 @@ class AgentDaemon:
         with self._health_lock:
             return dict(self._health_doc)
 
-    def _write_health(self, status: str) -> None:
+    def _write_health(self, status: str, slots: dict[str, Any] | None = None) -> None:
         doc = {
             "device_id": self.device_id,
             "agent_version": __version__,
@@ -695,7 +696,7 @@ class AgentDaemon:
             "broker": self.link.endpoint.url,
             "dropped_messages": dict(self.dispatcher.dropped),
             "desired_seen": self.desired is not None,
-            "slots": self.slots(),
+            "slots": self.slots() if slots is None else slots,
             "update_state": str(self.updates.state),
             "model_error": self._model_error,
             "source_error": self._source_error,

@@ -113,6 +113,24 @@ def test_bad_bundle_is_refused_naming_the_path(
     assert str(bundle) in str(caught.value)
 
 
+def test_a_parsed_card_spares_no_check_of_the_directory(
+    int8_model_dir: Path, tmp_path: Path
+) -> None:
+    """Cards are parsed once per process for the same bytes; what the directory holds is
+    checked at every load, and a card that does not parse is refused every time."""
+    bundle = _copy_bundle(int8_model_dir, tmp_path / "bundle")
+    first, again = ModelBundle.load(bundle), ModelBundle.load(bundle)
+    assert again.card is first.card  # the same bytes: parsed once
+    (bundle / "model.tflite").unlink()
+    with pytest.raises(BundleError, match="no model file"):
+        ModelBundle.load(bundle)
+    broken = _copy_bundle(int8_model_dir, tmp_path / "broken")
+    (broken / "card.json").write_bytes((int8_model_dir / "card.json").read_bytes()[:-40])
+    for _ in range(2):
+        with pytest.raises(BundleError, match="not valid JSON"):
+            ModelBundle.load(broken)
+
+
 def test_garbage_model_file_is_a_load_error(int8_model_dir: Path, tmp_path: Path) -> None:
     bundle = _copy_bundle(int8_model_dir, tmp_path / "bundle")
     (bundle / "model.tflite").write_bytes(b"not a flatbuffer" * 8)

@@ -33,7 +33,7 @@ Errors::
 from __future__ import annotations
 
 from device_agent.runtime._base import Prediction, Runtime, TensorCodec, check_sample
-from device_agent.runtime._bundle import CARD_FILE, MODEL_FILES, ModelBundle
+from device_agent.runtime._bundle import CARD_FILE, MODEL_FILES, ModelBundle, parse_card
 from device_agent.runtime._errors import (
     BundleError,
     InferenceError,
@@ -65,6 +65,7 @@ __all__ = [
     "TensorCodec",
     "check_sample",
     "open_runtime",
+    "parse_card",
 ]
 
 RUNTIME_NAMES = ("litert", "tflite_runtime", "onnxruntime", "serial")

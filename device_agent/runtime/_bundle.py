@@ -9,11 +9,23 @@ Everything is checked on load, before any runtime touches the model: the card pa
 preprocessing rule and reference statistics parse, the model file exists, is not empty and
 matches the card's runtime, and the rule's model input holds as many elements as the card's
 input tensor.
+
+Parsing a card is most of a bundle's load (a card carries its test vectors and reference
+histograms), and an update loads the same card several times (install, smoke test, activation,
+the state report). :func:`parse_card` therefore parses a card's bytes once per process: the
+last :data:`PARSED_CARDS` distinct cards are kept, keyed by the SHA-256 of their bytes, with the
+preprocessing rule and reference statistics derived from them. Only what follows from those
+exact bytes is kept (a card that does not parse is parsed, and refused, every time); what
+depends on the directory (the model file, its format) is checked at every load. Bundles loaded
+from the same bytes share the card and these objects, which nothing in the agent changes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +34,65 @@ from device_agent.features import FeatureRule, FeatureRuleError
 from device_agent.runtime._errors import BundleError
 from device_agent.sketch import ReferenceStats, SketchError
 
-__all__ = ["CARD_FILE", "MODEL_FILES", "ModelBundle"]
+__all__ = ["CARD_FILE", "MODEL_FILES", "PARSED_CARDS", "ModelBundle", "parse_card"]
 
 CARD_FILE = "card.json"
 MODEL_FILES = {"model.tflite": "tflite", "model.onnx": "onnx"}
 """The model file names a bundle may hold (one of them), and the format each one means."""
 
 _FORMATS_OF_RUNTIME = {"litert": "tflite", "tflm": "tflite", "onnx": "onnx"}
+
+PARSED_CARDS = 8
+"""Distinct cards kept parsed per process (the two slots' and a download's, with room)."""
+
+
+class _ParsedCards:
+    """The last :data:`PARSED_CARDS` cards parsed, by the SHA-256 of their bytes, each with
+    what a bundle derives from it (filled on the first load of a bundle holding it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._cards: OrderedDict[bytes, ModelCard] = OrderedDict()
+        self._derived: dict[bytes, tuple[FeatureRule, ReferenceStats | None]] = {}
+
+    def card(self, data: bytes) -> tuple[bytes, ModelCard]:
+        """The digest of ``data`` and the card it holds (CardError if it holds none)."""
+        digest = hashlib.sha256(data).digest()
+        with self._lock:
+            card = self._cards.get(digest)
+            if card is not None:
+                self._cards.move_to_end(digest)
+                return digest, card
+        card = ModelCard.from_json(data)  # outside the lock: other agents' loads go on
+        with self._lock:
+            self._cards[digest] = card
+            self._cards.move_to_end(digest)
+            while len(self._cards) > self.size:
+                old, _ = self._cards.popitem(last=False)
+                self._derived.pop(old, None)
+        return digest, card
+
+    def derived(self, digest: bytes) -> tuple[FeatureRule, ReferenceStats | None] | None:
+        with self._lock:
+            return self._derived.get(digest)
+
+    def keep_derived(
+        self, digest: bytes, rule: FeatureRule, reference: ReferenceStats | None
+    ) -> None:
+        with self._lock:
+            if digest in self._cards:
+                self._derived[digest] = (rule, reference)
+
+
+_PARSED = _ParsedCards(PARSED_CARDS)
+
+
+def parse_card(data: bytes) -> ModelCard:
+    """``ModelCard.from_json(data)``, parsed once per process for the same bytes (see the
+    module docstring); CardError if ``data`` is not a valid card. Treat the card as
+    read-only: it may be shared."""
+    return _PARSED.card(data)[1]
 
 
 @dataclass(frozen=True)
@@ -55,7 +119,7 @@ class ModelBundle:
             raise BundleError(f"model bundle {directory}: not a directory")
         card_path = directory / CARD_FILE
         try:
-            card = ModelCard.from_json(card_path.read_bytes())
+            digest, card = _PARSED.card(card_path.read_bytes())
         except FileNotFoundError:
             raise BundleError(f"model bundle {directory}: {CARD_FILE} is missing") from None
         except OSError as exc:
@@ -69,13 +133,18 @@ class ModelBundle:
                 f"model bundle {directory}: the card's runtime is {card.runtime!r}, which does "
                 f"not run {model_path.name}"
             )
-        rule = _rule(card, card_path)
-        reference = None
-        if card.reference:
-            try:
-                reference = ReferenceStats.from_dict(card.reference)
-            except SketchError as exc:
-                raise BundleError(f"{card_path}: field 'reference': {exc}") from exc
+        derived = _PARSED.derived(digest)
+        if derived is not None:
+            rule, reference = derived
+        else:
+            rule = _rule(card, card_path)
+            reference = None
+            if card.reference:
+                try:
+                    reference = ReferenceStats.from_dict(card.reference)
+                except SketchError as exc:
+                    raise BundleError(f"{card_path}: field 'reference': {exc}") from exc
+            _PARSED.keep_derived(digest, rule, reference)
         return cls(
             directory=directory,
             card=card,

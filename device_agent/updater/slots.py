@@ -35,7 +35,7 @@ from device_agent.fsio import (
     fsync_dir,
     make_dir,
 )
-from device_agent.runtime import CARD_FILE, MODEL_FILES, ModelBundle
+from device_agent.runtime import CARD_FILE, MODEL_FILES, ModelBundle, parse_card
 
 __all__ = ["POINTER_FILE", "SLOT_NAMES", "Pointer", "SlotError", "Slots", "fsync_dir"]
 
@@ -154,16 +154,22 @@ class Slots:
         make_dir(self.root)
         fsync_dir(self.root)
 
-    def write(self, slot: str, model_file: Path, card: ModelCard) -> ModelBundle:
+    def write(
+        self, slot: str, model_file: Path, card: ModelCard, card_json: bytes | None = None
+    ) -> ModelBundle:
         """Wipe the inactive ``slot``, write ``model_file`` and ``card`` into it, fsync, and
-        return the bundle loaded from it (BundleError if it does not load)."""
+        return the bundle loaded from it (BundleError if it does not load).
+
+        ``card_json``: the card's JSON as already written (``card.to_json()``), so it is not
+        serialized again; it must hold ``card``."""
         self.wipe(slot)
         directory = self.dir(slot)
         directory.mkdir(parents=True)
         fsync_dir(self.root)
         name = "model.onnx" if card.runtime == "onnx" else "model.tflite"
         atomic_write_chunks(directory / name, _read_chunks(model_file))
-        atomic_write_bytes(directory / CARD_FILE, card.to_json().encode())
+        text = card_json if card_json is not None else card.to_json().encode()
+        atomic_write_bytes(directory / CARD_FILE, text)
         fsync_dir(directory)
         return ModelBundle.load(directory)
 
@@ -239,7 +245,7 @@ class Slots:
         if cached is not None and cached[0] == key:
             return cached[1]
         try:
-            model_id: str | None = ModelCard.from_json(card_path.read_bytes()).model_id
+            model_id: str | None = parse_card(card_path.read_bytes()).model_id
         except (OSError, AgentError):
             model_id = None
         self._model_ids[card_path] = (key, model_id)

@@ -56,11 +56,13 @@ check).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -73,7 +75,7 @@ from device_agent import failpoints
 from device_agent.card import ModelCard
 from device_agent.errors import AgentError, LinkError
 from device_agent.fsio import atomic_write_bytes, atomic_write_json
-from device_agent.runtime import ModelBundle, Runtime, open_runtime
+from device_agent.runtime import ModelBundle, Runtime, open_runtime, parse_card
 from device_agent.runtime._base import TensorRuntime
 from device_agent.updater.errors import TrustError, UpdateError, UpdateRefused
 from device_agent.updater.machine import (
@@ -240,6 +242,47 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"io: {exc}"
     return str(exc)
+
+
+# -- the verified card as written -------------------------------------------------------------
+
+
+class _CardTexts:
+    """``card.to_json()`` of verified cards, serialized once per process.
+
+    The contract check parses the card out of a target's custom metadata, so the same custom
+    metadata gives the same card, and every agent of a process updating to one target would
+    serialize it again (a card carries its test vectors and reference histograms: most of an
+    update's CPU). The text is kept by the SHA-256 of the custom metadata (canonical JSON),
+    with the card it was written from, and used only for a card equal to that one. The
+    contract itself is checked at every update, against this device's facts of the moment.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._texts: OrderedDict[bytes, tuple[ModelCard, bytes]] = OrderedDict()
+
+    def text(self, custom: Any, card: ModelCard) -> bytes:
+        try:
+            canonical = json.dumps(custom, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError):  # not JSON-shaped: nothing to key by
+            return card.to_json().encode()
+        key = hashlib.sha256(canonical.encode()).digest()
+        with self._lock:
+            cached = self._texts.get(key)
+        if cached is not None and cached[0] == card:
+            return cached[1]
+        text = card.to_json().encode()
+        with self._lock:
+            self._texts[key] = (card, text)
+            self._texts.move_to_end(key)
+            while len(self._texts) > self.size:
+                self._texts.popitem(last=False)
+        return text
+
+
+_CARD_JSON = _CardTexts()
 
 
 # -- the smoke test --------------------------------------------------------------------------
@@ -572,15 +615,18 @@ class Updater:
                 raise TrustError(kind, f"{artifact}: {exc}") from exc
         card = self._contract(target.custom)
         card_file = self.state_file.with_name("card.json")
-        atomic_write_bytes(card_file, card.to_json().encode())
+        atomic_write_bytes(card_file, _CARD_JSON.text(target.custom, card))
         self._apply(_E.VERIFIED, None, card_file=str(card_file))
 
     def _install(self) -> None:
         record = self.record
         assert record.slot is not None and record.card_file is not None and record.artifact
         try:
-            card = ModelCard.from_json(Path(record.card_file).read_bytes())
-            self.slots.write(record.slot, Path(record.artifact), card)
+            # the verified card as written: parsed (once per process for these bytes) and
+            # copied into the slot as it is, not serialized again
+            card_json = Path(record.card_file).read_bytes()
+            card = parse_card(card_json)
+            self.slots.write(record.slot, Path(record.artifact), card, card_json)
         except OSError as exc:
             raise UpdateRefused("install", f"the verified card {record.card_file}: {exc}") from exc
         except AgentError as exc:

@@ -38,7 +38,9 @@ worker changes three things for its own process only:
 paho's ``select()`` cannot watch descriptors above 1,023, and each agent holds a few (its
 socket, paho's wake-up pair, its offline buffer), so keep a worker below about 140 agents.
 
-Each worker reports a :class:`DeviceStatus` per agent every ``status_interval_s``;
+Each worker reports a :class:`DeviceStatus` per agent every ``status_interval_s`` (only the
+ones that changed since it last sent them, and every one when it stops; an agent's active
+target is read from its slot pointer again only when that file changed);
 :class:`FleetSimulator` keeps the newest and sums them (:meth:`FleetSimulator.summary`).
 
     sim = FleetSimulator(setup, devices, processes=2)
@@ -348,7 +350,9 @@ def _agent_classes() -> tuple[type[Any], type[BaseException]]:
             if self.fault == FAIL_INSTALL:
                 slots = self.updates.updater.slots
 
-                def failing_write(slot: str, model_file: Path, card: Any) -> Any:
+                def failing_write(
+                    slot: str, model_file: Path, card: Any, card_json: bytes | None = None
+                ) -> Any:
                     raise AgentError(f"simulated fault: writing slot {slot} failed (flash error)")
 
                 slots.write = failing_write  # type: ignore[method-assign]
@@ -443,6 +447,9 @@ class _Runner:
         self.sensor = (1.0, 0.0)  # gain, offset of the device's sensor
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=device.device_id, daemon=True)
+        # the active target as last read, by the pointer file's (inode, size, mtime): every
+        # switch replaces the file, so an unchanged stat means an unchanged pointer
+        self._pointer_seen: tuple[tuple[int, int, int], str | None] | None = None
 
     def settings(self) -> Any:
         from device_agent.config import AgentSettings
@@ -524,19 +531,13 @@ class _Runner:
             agent.stop()
 
     def status(self) -> DeviceStatus:
-        from device_agent.errors import AgentError
-
         agent = self.agent
         if agent is None:
             return DeviceStatus(
                 self.device.device_id, self.device.fault, False, self.crashes, "starting",
                 None, None, 0, 0, None, self.error,
             )  # fmt: skip
-        try:
-            pointer = agent.updates.slots.pointer()
-            target = pointer.target() if pointer is not None else None
-        except (OSError, ValueError, AgentError):  # being replaced on disk: next time
-            target = None
+        target = self._active_target(agent)
         champion = agent.champion
         record = agent.updates.updater.record
         return DeviceStatus(
@@ -553,6 +554,28 @@ class _Runner:
             error=self.error,
             failures=self.failures,
         )
+
+    def _active_target(self, agent: Any) -> str | None:
+        """The target of the agent's active slot, read again only when the pointer file
+        changed (this runs for every agent every ``status_interval_s``)."""
+        from device_agent.errors import AgentError
+
+        slots = agent.updates.slots
+        try:
+            stat = slots.pointer_file.stat()
+        except OSError:  # no pointer (yet), or being replaced on disk: next time
+            return None
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        seen = self._pointer_seen
+        if seen is not None and seen[0] == key:
+            return seen[1]
+        try:
+            pointer = slots.pointer()
+            target = pointer.target() if pointer is not None else None
+        except (OSError, ValueError, AgentError):  # being replaced on disk: next time
+            return None
+        self._pointer_seen = (key, target)
+        return target
 
 
 def _champion_model_id(bundle: Path) -> str:
@@ -593,6 +616,18 @@ def _worker(
         device_agent.daemon.SAMPLE_BUDGET_S = setup.sample_budget_s
     runners = [_Runner(device, setup, base) for device in devices]
     generation = 0.0
+    sent: dict[str, DeviceStatus] = {}
+
+    def report(every: bool = False) -> None:
+        """Send the statuses that changed since they were last sent (``every``: all)."""
+        changed = []
+        for runner in runners:
+            status = runner.status()
+            if every or sent.get(status.device_id) != status:
+                sent[status.device_id] = status
+                changed.append(asdict(status))
+        if changed:
+            out.put(("status", changed))
 
     def follow_sensor() -> None:
         nonlocal generation
@@ -615,12 +650,12 @@ def _worker(
             follow_sensor()
             runner.start()
             if time.monotonic() - reported >= setup.status_interval_s:
-                out.put(("status", [asdict(r.status()) for r in runners]))
+                report()
                 reported = time.monotonic()
         while not stop.wait(min(setup.status_interval_s, SENSOR_POLL_S)):
             follow_sensor()
             if time.monotonic() - reported >= setup.status_interval_s:
-                out.put(("status", [asdict(r.status()) for r in runners]))
+                report()
                 reported = time.monotonic()
     finally:
         for runner in runners:
@@ -629,7 +664,7 @@ def _worker(
         for runner in runners:
             if runner.thread.ident is not None:
                 runner.thread.join(max(0.1, deadline - time.monotonic()))
-        out.put(("status", [asdict(r.status()) for r in runners]))
+        report(every=True)
         out.put(("stopped", os.getpid(), sum(r.thread.is_alive() for r in runners)))
         out.close()
         out.join_thread()
