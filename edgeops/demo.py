@@ -322,6 +322,13 @@ def _loop(
                 + (event.report.get("drifted_features") or [])[:4]
             ),
         )
+        # the watch records the event before its retrain action has run (status pending)
+        _wait(
+            lambda: watch.events()[-1].action_result.get("status") != "pending",
+            options.timeout_s,
+            "the drift watch's retrain action",
+        )
+        event = watch.events()[-1]
         run_id = event.action_result.get("pipeline_run")
         if not run_id:
             raise DemoError(f"the retrain action did not start a run: {event.action_result}")
