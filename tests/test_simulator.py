@@ -167,3 +167,20 @@ waves:
     assert sim.left_running == 0
     assert all(not s.running for s in stopped.devices.values())
     assert not stopped.summary()["errors"]
+
+
+def test_ctrl_c_while_reading_the_workers_queue_waits_for_the_whole_message() -> None:
+    """A Ctrl-C inside the read is delivered once the message is read, not in its middle."""
+    import os
+    import signal
+    import time
+
+    from edgeops.fleet.simulator import _interrupts_held
+
+    read_whole = False
+    with pytest.raises(KeyboardInterrupt), _interrupts_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler has run by now: it only took note
+        read_whole = True
+    assert read_whole
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

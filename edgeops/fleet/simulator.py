@@ -63,10 +63,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from edgeops.errors import ConfigError
@@ -578,6 +579,32 @@ class _Runner:
         return target
 
 
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM in the main thread until the block ends, then deliver them.
+
+    A KeyboardInterrupt raised while a message is half read from the workers' queue would
+    leave its pipe out of step, and the next read (the one stopping the fleet) would wait
+    for bytes that never come. Elsewhere, or in another thread, the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
+
+
 def _champion_model_id(bundle: Path) -> str:
     import json
 
@@ -766,7 +793,8 @@ class FleetSimulator:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                kind, *rest = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                with _interrupts_held():
+                    kind, *rest = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
             if kind == "status":
