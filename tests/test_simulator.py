@@ -177,10 +177,15 @@ def test_ctrl_c_while_reading_the_workers_queue_waits_for_the_whole_message() ->
 
     from edgeops.fleet.simulator import _interrupts_held
 
-    read_whole = False
-    with pytest.raises(KeyboardInterrupt), _interrupts_held():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler has run by now: it only took note
-        read_whole = True
-    assert read_whole
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler, even where this process was started with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        read_whole = False
+        with pytest.raises(KeyboardInterrupt), _interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now: it only took note
+            read_whole = True
+        assert read_whole
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
