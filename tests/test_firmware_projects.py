@@ -82,7 +82,9 @@ def test_project_files_are_generated(target: str, tmp_path: Path) -> None:
     assert manifest["project_files"] == sorted(expected)
     assert manifest["files"] == sorted(name for name in LIBRARY if name != "edgeops_model.json")
     assert manifest["estimated_flash_bytes"] > manifest["arena_bytes"] >= 0
-    for name in expected:  # every template placeholder was filled
+    assert expected, f"no project files listed for {target}"
+    # no template syntax left over (an undefined variable is already an error: StrictUndefined)
+    for name in expected:
         text = (out / name).read_text()
         assert "{{" not in text and "{%" not in text, name
 
