@@ -38,6 +38,20 @@ def test_a_window_is_stored_once_and_a_duplicate_changes_nothing(database: Datab
     assert stored.received_at.tzinfo is not None
 
 
+def test_a_batch_compares_each_window_with_the_one_kept_under_its_seq(database: Database) -> None:
+    telemetry = TelemetryService(database)
+    first, other = window("d-1", 1), window("d-1", 1, samples=99)
+    assert telemetry.record_many([first]).stored == 1
+    # the other window before the redelivery: each is compared with the stored one
+    outcome = telemetry.record_many([other, first, window("d-2", 1)])
+    assert (outcome.stored, outcome.duplicates, outcome.replayed) == (1, 1, [("d-1", 1)])
+    # both under a new (device, seq): the first in the batch is kept
+    outcome = telemetry.record_many([window("d-3", 1), window("d-3", 1, samples=7)])
+    assert (outcome.stored, outcome.duplicates, outcome.replayed) == (1, 0, [("d-3", 1)])
+    [stored] = telemetry.list_windows("d-3")
+    assert stored.samples == 10 and telemetry.list_windows("d-1")[0].document() == first
+
+
 def test_list_windows_gives_the_newest_in_sequence_order(database: Database) -> None:
     telemetry = TelemetryService(database)
     for seq in (3, 1, 5, 2, 4):

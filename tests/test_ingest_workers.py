@@ -29,6 +29,7 @@ from edgeops.fleet import FleetService
 from edgeops.hub import HubBridge
 from edgeops.monitor import TelemetryService
 from edgeops.monitor.ingest import (
+    IngestStats,
     IngestWorker,
     ReleaseCatalogue,
     TelemetryRejectedError,
@@ -386,8 +387,11 @@ def test_each_bad_window_is_rejected_counted_by_reason_and_not_stored(
         publisher.window(later).wait_for_publish(5)
         telemetry = TelemetryService(database)
         wait_until(
-            lambda: worker.stats.received == telemetry.count("d-0") + 14,
-            what="every window received",
+            lambda: (
+                worker.stats.received == telemetry.count("d-0") + 14
+                and _accounted(worker.stats) == worker.stats.received
+            ),
+            what="every window received and accounted for",
         )
     finally:
         stop.set()
@@ -414,6 +418,11 @@ def test_each_bad_window_is_rejected_counted_by_reason_and_not_stored(
         and telemetry.count("victim") == 0
     )
     assert [w.document() for w in telemetry.list_windows("d-1")] == [first, later]
+
+
+def _accounted(stats: IngestStats) -> int:
+    """Windows the worker has finished with: stored, duplicate or rejected."""
+    return stats.stored + stats.duplicates + sum(stats.rejected.values())
 
 
 def probe(publisher: Publisher, received: Callable[[], bool]) -> None:

@@ -94,16 +94,14 @@ class TelemetryService:
         """
         outcome = RecordOutcome()
         rows: dict[tuple[str, int], dict[str, Any]] = {}
+        others: list[dict[str, Any]] = []  # more windows under a (device, seq) of this batch
         for window in windows:
             row = self._row(window)
             key = (row["device_id"], row["seq"])
-            first = rows.get(key)
-            if first is None:
-                rows[key] = row
-            elif first["window"] == row["window"]:
-                outcome.duplicates += 1
+            if key in rows:
+                others.append(row)
             else:
-                outcome.replayed.append(key)
+                rows[key] = row
         if not rows:
             return outcome
         device_id, seq = col(TelemetryWindowRecord.device_id), col(TelemetryWindowRecord.seq)
@@ -116,15 +114,19 @@ class TelemetryService:
             )
             written = {(str(d), int(s)) for d, s in session.exec(insert).all()}
             taken = [key for key in rows if key not in written]
-            stored: dict[tuple[str, int], dict[str, Any]] = {}
+            kept = {key: rows[key]["window"] for key in written}
             if taken:
                 query = select(device_id, seq, col(TelemetryWindowRecord.window)).where(
                     device_id.in_({d for d, _ in taken}), seq.in_({s for _, s in taken})
                 )
-                stored = {(d, s): doc for d, s, doc in session.exec(query).all()}
+                found = {(d, s): doc for d, s, doc in session.exec(query).all()}
+                kept.update((key, found.get(key)) for key in taken)
         outcome.stored = len(written)
-        for key in taken:
-            if stored.get(key) == rows[key]["window"]:
+        # Each window not written is compared with the one kept under its (device, seq):
+        # the same window is a redelivery, another one a replayed sequence number.
+        for row in [rows[key] for key in taken] + others:
+            key = (row["device_id"], row["seq"])
+            if kept.get(key) == row["window"]:
                 outcome.duplicates += 1
             else:
                 outcome.replayed.append(key)
