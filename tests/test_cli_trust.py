@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from tuf.ngclient import FetcherInterface, Updater
 from device_agent.card import ModelCard
 from edgeops.trust import card_of
 from tests.clitools import assert_one_line_error, run_cli
+from tests.fixtures.models import ModelFactory
 
 
 class DirectoryFetcher(FetcherInterface):
@@ -76,17 +76,9 @@ def registry_ids(model_factory: Any, int8_model_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def data_dir_with_models(isolated_environment: Path, model_factory: Any) -> Path:
+def data_dir_with_models(isolated_environment: Path, model_factory: ModelFactory) -> Path:
     """The test's data dir holding a copy of the session's registry (database + artifacts)."""
-    isolated_environment.mkdir(parents=True, exist_ok=True)
-    source = sqlite3.connect(model_factory.root / "edgeops.db")
-    target = sqlite3.connect(isolated_environment / "edgeops.db")
-    with target:
-        source.backup(target)
-    source.close()
-    target.close()
-    shutil.copytree(model_factory.root / "artifacts", isolated_environment / "artifacts")
-    return isolated_environment
+    return model_factory.copy_to(isolated_environment)
 
 
 # -- keys -------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import shutil
-import sqlite3
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from device_agent.updater.errors import ContractError
 from edgeops.trust import ReleaseError, card_of
 from edgeops.trust.release import build_firmware_release, firmware_archive, target_path
 from tests.clitools import assert_one_line_error, run_cli
+from tests.fixtures.models import ModelFactory
 from tests.test_cli_trust import device_download, edgeops
 from tests.test_firmware_cortexm import require_cortex_m_toolchain
 
@@ -45,16 +45,9 @@ def models(model_factory: Any, int8_model_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def data_dir(isolated_environment: Path, model_factory: Any, tmp_path: Path) -> Path:
+def data_dir(isolated_environment: Path, model_factory: ModelFactory, tmp_path: Path) -> Path:
     """The test's data dir: a copy of the session's registry and an initialised repository."""
-    isolated_environment.mkdir(parents=True, exist_ok=True)
-    source = sqlite3.connect(model_factory.root / "edgeops.db")
-    copy = sqlite3.connect(isolated_environment / "edgeops.db")
-    with copy:
-        source.backup(copy)
-    source.close()
-    copy.close()
-    shutil.copytree(model_factory.root / "artifacts", isolated_environment / "artifacts")
+    model_factory.copy_to(isolated_environment)
     keys = run_cli("edgeops", "keys", "init", "--root-key-dir", str(tmp_path / "offline"))
     assert keys.returncode == 0, keys.stderr
     return isolated_environment
