@@ -62,6 +62,10 @@ class Settings(FileBackedSettings):
     )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
+    api_cors_origins: tuple[str, ...] = Field(
+        default=(),
+        description="origins allowed to call the API from a browser (CORS); empty: CORS off",
+    )
     secret_key: SecretStr | None = Field(
         default=None, description="key for signing API tokens and sessions"
     )

@@ -182,7 +182,7 @@ def _loop(
         samples_for,
     )
     from edgeops.hub import DesiredPublisher, HubBridge
-    from edgeops.hub.serve import _ct_starter, _pipeline_runner
+    from edgeops.hub.serve import _ct_starter, pipeline_runner
     from edgeops.hub.stores import open_stores
     from edgeops.monitor.ingest import ReleaseCatalogue
     from edgeops.monitor.watch import DriftService, RepositoryReleases
@@ -246,7 +246,7 @@ def _loop(
         # starts the continuous-training pipeline, which waits for fresh samples, retrains,
         # releases, rolls out behind gates and promotes
         watch = DriftService(database, RepositoryReleases(repository))
-        runner = _pipeline_runner(hub_settings, database)
+        runner = pipeline_runner(hub_settings, database)
         watch.retrainer = _ct_starter(runner, watch)
         watch.set_policy(
             champion.name,

@@ -330,9 +330,9 @@ def test_the_hubs_retrain_action_starts_a_ct_run_with_the_policys_parameters(
     recorded with the event's model and window, and executes on its own (here it fails at
     once, naming the missing champion: no version of the model is in production)."""
     from edgeops.config import Settings
-    from edgeops.hub.serve import _ct_starter, _pipeline_runner
+    from edgeops.hub.serve import _ct_starter, pipeline_runner
 
-    runner = _pipeline_runner(Settings(data_dir=tmp_path), database)
+    runner = pipeline_runner(Settings(data_dir=tmp_path), database)
     watch = DriftService(database, fleet.releases, clock=clock)
     watch.retrainer = _ct_starter(runner, watch)
     with pytest.raises(DriftPolicyError, match="retrain: the labelling source must be given"):

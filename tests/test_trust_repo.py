@@ -119,15 +119,17 @@ def served_api(tmp_path: Path, repository_dir: Path | None) -> Iterator[Http]:
     import uvicorn
 
     from edgeops.api import create_app
+    from edgeops.api.context import ApiContext
+    from edgeops.config import Settings
     from edgeops.db import Database
-    from edgeops.fleet import FleetService
 
     database = Database(f"sqlite:///{tmp_path / 'hub.db'}")
     database.upgrade()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
-    app = create_app(FleetService(database), repository_dir=repository_dir)
+    context = ApiContext(Settings(data_dir=tmp_path), database)
+    app = create_app(context, repository_dir=repository_dir)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )

@@ -1,11 +1,18 @@
-"""The hub's HTTP API, served by ``edgeops hub serve``: the fleet view and the TUF repository.
+"""The hub's HTTP API, served by ``edgeops hub serve``: REST under ``/api/v1``, the dashboard
+at ``/``, Prometheus metrics at ``/metrics`` and the TUF repository for devices.
+
+Every ``/api/v1`` route needs an API token (:mod:`edgeops.api.auth`): a viewer reads, an
+operator or admin changes things. Routes call the same services the CLI calls
+(:class:`edgeops.api.context.ApiContext`); the services own the transactions. Errors are JSON
+``{"detail": ...}``: 4xx for what the caller sent (naming the field), 404 for unknown ids,
+413 for bodies over ``MAX_BODY_BYTES``.
 
 ``GET /v1/tuf/metadata/{name}`` and ``GET /v1/tuf/targets/{path}`` serve the release
 repository's files byte for byte to devices that use the HTTP transport (the same files the
-MQTT fetch server reads). ``Range: bytes=N-`` / ``bytes=N-M`` / ``bytes=-K`` is honoured with
-``206 Partial Content`` and ``Content-Range``; an unsatisfiable range is ``416``; a missing
-file, or a path that is not a plain relative path under the repository (``..``, symbolic
-links), is ``404``.
+MQTT fetch server reads); they need no token, as TUF metadata is signed and public.
+``Range: bytes=N-`` / ``bytes=N-M`` / ``bytes=-K`` is honoured with ``206 Partial Content``
+and ``Content-Range``; an unsatisfiable range is ``416``; a missing file, or a path that is
+not a plain relative path under the repository (``..``, symbolic links), is ``404``.
 """
 
 from __future__ import annotations
@@ -13,47 +20,79 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 
 from device_agent._version import __version__
 from device_agent.errors import ProtocolError
-from edgeops.errors import NotFoundError
-from edgeops.fleet import FleetService
+from edgeops.api.auth import FailureLimiter, Principal, viewer
+from edgeops.api.context import ApiContext
+from edgeops.api.errors import install_error_handlers
+from edgeops.api.limits import MAX_BODY_BYTES, BodySizeLimit
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+API_PREFIX = "/api/v1"
 
 
-def create_app(fleet: FleetService, *, repository_dir: Path | None = None) -> FastAPI:
-    """Build the application; routes call the same services the CLI calls.
+def create_app(context: ApiContext, *, repository_dir: Path | None = None) -> FastAPI:
+    """Build the application on ``context``'s services.
 
-    ``repository_dir`` is the release repository's ``repository/`` directory
-    (``Settings.trust_dir / "repository"``); without it the TUF routes answer 404.
+    ``repository_dir`` is the release repository's ``repository/`` directory; by default
+    ``context.settings.trust_dir / "repository"`` (the TUF routes answer 404 while it has
+    no files).
     """
-    app = FastAPI(title="EdgeOps hub", version=__version__, openapi_url="/openapi.json")
+    from edgeops.api.dashboard import router as dashboard_router
+    from edgeops.api.metrics import install_metrics
+    from edgeops.api.routes import ROUTERS, tokens
 
-    @app.get("/api/v1/health")
+    if repository_dir is None:
+        repository_dir = context.settings.trust_dir / "repository"
+    app = FastAPI(
+        title="EdgeOps hub",
+        version=__version__,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        description="The EdgeOps hub: datasets, runs, models, releases, devices, rollouts, "
+        "telemetry, drift and pipelines. Authenticate with `Authorization: Bearer <token>` "
+        "(`edgeops tokens create --role viewer|operator|admin`).",
+    )
+    app.state.context = context
+    app.state.failure_limiter = FailureLimiter()
+    install_error_handlers(app)
+    install_metrics(app, context)
+    if context.settings.api_cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(context.settings.api_cors_origins),
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+
+    @app.get(f"{API_PREFIX}/health", tags=["hub"])
     def health() -> dict[str, Any]:
+        """Liveness: answers without a token."""
         return {"status": "ok", "version": __version__}
 
-    @app.get("/api/v1/devices")
-    def list_devices() -> list[dict[str, Any]]:
-        return [device.to_dict() for device in fleet.list_devices()]
+    @app.get(f"{API_PREFIX}/whoami", tags=["hub"])
+    def whoami(principal: Annotated[Principal, Depends(viewer)]) -> dict[str, Any]:
+        """The token's holder and role."""
+        return {"token_id": principal.token_id, "name": principal.name, "role": principal.role}
 
-    @app.get("/api/v1/devices/{device_id}")
-    def get_device(device_id: str) -> dict[str, Any]:
-        try:
-            return fleet.get_device(device_id).to_dict()
-        except NotFoundError as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from None
+    for router in [*ROUTERS, tokens.router]:
+        app.include_router(router, prefix=API_PREFIX)
+    app.include_router(dashboard_router)
 
-    @app.get("/v1/tuf/metadata/{name}")
+    @app.get("/v1/tuf/metadata/{name}", tags=["tuf"])
     def tuf_metadata(name: str, request: Request) -> Response:
         return _serve_file(repository_dir, f"metadata/{name}", request, "application/json")
 
-    @app.get("/v1/tuf/targets/{path:path}")
+    @app.get("/v1/tuf/targets/{path:path}", tags=["tuf"])
     def tuf_target(path: str, request: Request) -> Response:
         return _serve_file(repository_dir, f"targets/{path}", request, "application/octet-stream")
 

@@ -21,6 +21,7 @@ TABLE_MODULES = (
     "edgeops.monitor.models",
     "edgeops.rollout.models",
     "edgeops.pipelines.models",
+    "edgeops.api.models",
 )
 
 

@@ -43,6 +43,7 @@ def serve(settings: Settings, host: str, port: int, *, connect_timeout_s: float 
     import uvicorn
 
     from edgeops.api import create_app
+    from edgeops.api.context import ApiContext
     from edgeops.db import Database
     from edgeops.fleet import FleetService
     from edgeops.hub.bridge import HubBridge
@@ -83,7 +84,7 @@ def serve(settings: Settings, host: str, port: int, *, connect_timeout_s: float 
         watch = _start_drift_watch(settings, database, stop)
         fetch_server, refresher = _start_trust(settings, endpoint)
         config = uvicorn.Config(
-            create_app(fleet, repository_dir=settings.trust_dir / "repository"),
+            create_app(ApiContext(settings, database)),
             host=host,
             port=port,
             log_level=settings.log_level.lower(),
@@ -156,7 +157,7 @@ def _start_drift_watch(
     from edgeops.monitor.watch import DriftService, RepositoryReleases
     from edgeops.trust import repository_for
 
-    runner = _pipeline_runner(settings, database)
+    runner = pipeline_runner(settings, database)
     watch = DriftService(database, RepositoryReleases(repository_for(settings)), retrainer=None)
     watch.retrainer = _ct_starter(runner, watch)
 
@@ -198,7 +199,7 @@ def run_every(
     return thread
 
 
-def _pipeline_runner(settings: Settings, database: Database) -> PipelineRunner:
+def pipeline_runner(settings: Settings, database: Database) -> PipelineRunner:
     """The continuous-training pipeline on the hub's stores; rollouts it creates are
     carried out by the hub's engine (no publisher needed to create one)."""
     from edgeops.hub.stores import HubStores
