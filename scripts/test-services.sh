@@ -2,7 +2,8 @@
 # Installs (apt-get, as root) and starts what the test suite needs when it is missing:
 # the Mosquitto binary (tests start private brokers from deploy/mosquitto/mosquitto.conf),
 # a PostgreSQL server on 127.0.0.1:5432 (EDGEOPS_TEST_POSTGRES_URL overrides it), and the
-# Cortex-M toolchain the firmware tests build with (arm-none-eabi-gcc with newlib, QEMU).
+# Cortex-M toolchain the firmware tests build with (arm-none-eabi-gcc with newlib, QEMU), and
+# Debian's Chromium for the dashboard's browser tests.
 set -euo pipefail
 
 apt_updated=0
@@ -26,6 +27,8 @@ need_pkg pg_isready postgresql postgresql-client
 need_pkg arm-none-eabi-gcc gcc-arm-none-eabi libnewlib-arm-none-eabi
 need_pkg qemu-system-arm qemu-system-arm
 need_pkg g++ g++
+# the dashboard's browser tests drive Debian's Chromium (Playwright never downloads one)
+need_pkg chromium chromium fonts-dejavu-core
 # newlib is a package of its own: the cross compiler may be there without it
 if [ ! -e "$(arm-none-eabi-gcc -print-file-name=libc_nano.a)" ] \
   && [ ! -d /usr/lib/arm-none-eabi/newlib ]; then
