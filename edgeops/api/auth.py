@@ -145,3 +145,45 @@ operator = _needs(Role.OPERATOR)
 """operator or admin: every route that changes something."""
 admin = _needs(Role.ADMIN)
 """admin only: tokens."""
+
+_ROLE_OF: dict[object, Role] = {
+    authenticate: Role.VIEWER,
+    viewer: Role.VIEWER,
+    operator: Role.OPERATOR,
+    admin: Role.ADMIN,
+}
+
+
+def required_role(route: object) -> Role | None:
+    """The highest role ``route``'s dependencies (nested ones too) demand; None if it needs no
+    token. ``route`` is what routing put in ``scope["route"]`` (an ``APIRoute``)."""
+    found: Role | None = None
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        if dependant is None:
+            continue
+        role = _ROLE_OF.get(getattr(dependant, "call", None))
+        if role is not None and (found is None or role.rank > found.rank):
+            found = role
+        pending.extend(getattr(dependant, "dependencies", ()))
+    return found
+
+
+def check_before_body(request: Request) -> Principal | None:
+    """Authenticate ``request`` for its route if its dependencies have not done so yet.
+
+    FastAPI reads and parses a request's body before it runs the route's dependencies, so a
+    malformed body would be answered 400/422 before the token is looked at. The error
+    handlers call this first: without a valid token the answer is 401 (or 429), with a role
+    too low 403, as for any other request to the route. Raises that HTTPException; returns
+    the principal (None for a route that needs no token)."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is not None:
+        return principal
+    needed = required_role(request.scope.get("route"))
+    if needed is None:
+        return None
+    principal = authenticate(request)
+    _needs(needed)(principal)
+    return principal

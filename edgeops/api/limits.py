@@ -1,5 +1,6 @@
 """Limits on what a request may carry: a body over ``MAX_BODY_BYTES`` is refused with 413
-before any route sees it (by its ``Content-Length``, or while it streams in without one)."""
+before any route sees it (by its ``Content-Length``; a body sent without one, chunked, is
+read here first and refused as soon as it passes the limit)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_BODY_BYTES = 1024 * 1024
 """the largest request body accepted (1 MiB; 413 above)"""
-
-
-class _TooLargeError(Exception):
-    pass
 
 
 class BodySizeLimit:
@@ -36,29 +33,32 @@ class BodySizeLimit:
                 if declared < 0 or declared > self.max_bytes:
                     await self._refuse(send, declared)
                     return
+        if any(name == b"content-length" for name, _ in scope.get("headers", [])):
+            # the server delivers no more than the declared length, checked above
+            await self.app(scope, receive, send)
+            return
+        # no Content-Length (chunked): read the body here, refusing it once it is too large;
+        # the application then reads what was kept
+        kept: list[Message] = []
         seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLargeError
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLargeError:
-            if not started:
+            kept.append(message)
+            if message["type"] != "http.request":
+                break  # the client went away: the application sees it too
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
                 await self._refuse(send, seen)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            if kept:
+                return kept.pop(0)
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send, size: int) -> None:
         detail: dict[str, Any] = {

@@ -28,6 +28,7 @@ from edgeops.cli.fleet import fleet_app
 from edgeops.cli.models import models_app, runs_app
 from edgeops.cli.pipelines import pipelines_app
 from edgeops.cli.rollout import rollout_app
+from edgeops.cli.tokens import tokens_app
 from edgeops.cli.train import evaluate, export, train
 from edgeops.cli.trust import keys_app, release, releases_app
 from edgeops.config import Settings, load_settings
@@ -61,6 +62,7 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(drift_app, name="drift")
 app.add_typer(pipelines_app, name="pipelines")
 app.add_typer(firmware_app, name="firmware")
+app.add_typer(tokens_app, name="tokens")
 app.command("compress")(compress)
 app.command("train")(train)
 app.command("evaluate")(evaluate)

@@ -1,0 +1,340 @@
+"""Who may call the API: tokens and roles on every route, revocation, the failure rate limit,
+tokens kept hashed, CORS, body limits, error answers, and ``edgeops tokens``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
+from fastapi.testclient import TestClient
+
+from edgeops.api import create_app
+from edgeops.api.auth import FailureLimiter
+from edgeops.api.context import ApiContext
+from edgeops.api.limits import MAX_BODY_BYTES
+from edgeops.cli.main import main
+from edgeops.config import Settings
+from edgeops.db import Database
+from edgeops.errors import DatabaseError, EdgeOpsError, NotFoundError
+from edgeops.fleet import IdentityService
+from edgeops.rollout.engine import RolloutError
+from tests.clitools import run_cli
+
+MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+GARBAGE_TOKEN = "eo_0123456789ab_" + "A" * 43  # well formed, never issued
+_PARAM = re.compile(r"\{[^}]+\}")
+
+
+@dataclass
+class Hub:
+    app: FastAPI
+    context: ApiContext
+    client: TestClient
+    database_file: Path | None
+
+    def token(self, role: str, name: str | None = None) -> str:
+        return self.context.tokens.create(name or f"{role}-test", role)[1]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def make_hub(database: Database, data_dir: Path, **settings: Any) -> Hub:
+    context = ApiContext(Settings(data_dir=data_dir, **settings), database)
+    app = create_app(context)
+    path = database.engine.url.database if database.backend == "sqlite" else None
+    return Hub(app, context, TestClient(app), Path(path) if path else None)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    database = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    database.upgrade()
+    try:
+        yield make_hub(database, tmp_path)
+    finally:
+        database.dispose()
+
+
+def api_routes(app: FastAPI) -> list[tuple[str, str]]:
+    """(method, path with every parameter filled in) of every ``/api/v1`` route."""
+    found = []
+    for context in iter_route_contexts(app.routes):
+        path = context.path
+        methods = getattr(context.original_route, "methods", None) or set()
+        if not isinstance(path, str) or not path.startswith("/api/v1/"):
+            continue
+        for method in sorted(methods - {"HEAD", "OPTIONS"}):
+            found.append((method, _PARAM.sub("x1", path)))
+    return found
+
+
+# -- every route needs a token, every mutating one operator or admin ---------------------------
+
+
+def test_every_mutating_route_refuses_anonymous_garbage_device_and_viewer(hub: Hub) -> None:
+    hub.app.state.failure_limiter = FailureLimiter(allowed=1_000_000)
+    enrollment = IdentityService(hub.context.database).enroll("sensor-7")
+    basic = base64.b64encode(f"sensor-7:{enrollment.password}".encode()).decode()
+    refused: list[dict[str, str]] = [
+        {},
+        bearer(GARBAGE_TOKEN),
+        bearer("not-a-token"),
+        {"Authorization": "Token " + hub.token("admin", "other-scheme")},
+        bearer(enrollment.password),  # a device's broker password
+        {"Authorization": f"Basic {basic}"},  # a device's broker credentials
+    ]
+    viewer = bearer(hub.token("viewer"))
+    routes = [(m, p) for m, p in api_routes(hub.app) if m in MUTATING]
+    assert ("POST", "/api/v1/tokens") in routes and ("DELETE", "/api/v1/tokens/x1") in routes
+    assert len(routes) >= 10, routes  # the domains' routers are mounted
+    for method, path in routes:
+        for headers in refused:
+            answer = hub.client.request(method, path, headers=headers, json={})
+            assert answer.status_code == 401, (method, path, headers, answer.text)
+            assert answer.headers["www-authenticate"] == "Bearer"
+        answer = hub.client.request(method, path, headers=viewer, json={})
+        assert answer.status_code == 403, (method, path, answer.text)
+        assert "operator" in answer.json()["detail"] or "admin" in answer.json()["detail"]
+
+
+def test_every_read_route_needs_a_token_except_health(hub: Hub) -> None:
+    hub.app.state.failure_limiter = FailureLimiter(allowed=1_000_000)
+    reads = [p for m, p in api_routes(hub.app) if m == "GET"]
+    assert "/api/v1/health" in reads and len(reads) >= 10, reads
+    for path in reads:
+        answer = hub.client.get(path)
+        expected = 200 if path == "/api/v1/health" else 401
+        assert answer.status_code == expected, (path, answer.text)
+    viewer = bearer(hub.token("viewer"))
+    assert hub.client.get("/api/v1/whoami", headers=viewer).json()["role"] == "viewer"
+    # the tokens are an admin's business alone
+    assert hub.client.get("/api/v1/tokens", headers=viewer).status_code == 403
+    assert (
+        hub.client.get("/api/v1/tokens", headers=bearer(hub.token("operator"))).status_code == 403
+    )
+
+
+def test_tokens_over_the_api_and_revocation(hub: Hub) -> None:
+    admin = bearer(hub.token("admin"))
+    made = hub.client.post("/api/v1/tokens", headers=admin, json={"name": "ci", "role": "operator"})
+    assert made.status_code == 201, made.text
+    created = made.json()
+    token = created["token"]
+    assert created["role"] == "operator" and created["revoked_at"] is None
+    assert token.startswith(f"eo_{created['id']}_")
+    assert hub.client.get("/api/v1/whoami", headers=bearer(token)).json() == {
+        "token_id": created["id"],
+        "name": "ci",
+        "role": "operator",
+    }
+    listed = hub.client.get("/api/v1/tokens", headers=admin)
+    assert listed.status_code == 200
+    assert token not in listed.text and "secret" not in listed.text
+    assert {"ci", "admin-test"} <= {t["name"] for t in listed.json()}
+
+    revoked = hub.client.delete(f"/api/v1/tokens/{created['id']}", headers=admin)
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+    answer = hub.client.get("/api/v1/whoami", headers=bearer(token))
+    assert answer.status_code == 401 and answer.json()["detail"] == "invalid API token"
+    assert hub.client.delete("/api/v1/tokens/ffffffffffff", headers=admin).status_code == 404
+
+    for bad, field in (
+        ({"name": "ci", "role": "root"}, "body.role"),
+        ({"name": "has space", "role": "viewer"}, "body.name"),
+        ({"name": 5, "role": "viewer"}, "body.name"),
+        ({"role": "viewer"}, "body.name"),
+        ({"name": "ci", "role": "viewer", "extra": 1}, "body.extra"),
+    ):
+        answer = hub.client.post("/api/v1/tokens", headers=admin, json=bad)
+        assert answer.status_code == 422, (bad, answer.text)
+        assert answer.json()["message"].startswith(field), answer.json()
+        assert answer.json()["detail"][0]["loc"][:2] == field.split(".")[:2]
+    assert len(hub.context.tokens.list()) == 2  # nothing half-written
+
+
+def test_repeated_failures_are_rate_limited_per_address(hub: Hub) -> None:
+    good = bearer(hub.token("viewer"))
+    for _ in range(10):
+        assert hub.client.get("/api/v1/whoami", headers=bearer(GARBAGE_TOKEN)).status_code == 401
+    limited = hub.client.get("/api/v1/whoami", headers=bearer(GARBAGE_TOKEN))
+    assert limited.status_code == 429
+    assert 1 <= int(limited.headers["retry-after"]) <= 60
+    assert hub.client.get("/api/v1/whoami", headers=good).status_code == 429  # same address
+    other = TestClient(hub.app, client=("10.0.0.9", 40000))
+    assert other.get("/api/v1/whoami", headers=good).status_code == 200
+    assert hub.client.get("/api/v1/health").status_code == 200  # no token, no limit
+
+
+def test_tokens_are_stored_hashed(hub: Hub) -> None:
+    token = hub.token("admin")
+    secret = token.rsplit("_", 1)[1]
+    hub.context.database.dispose()  # checkpoint: everything in the main file
+    assert hub.database_file is not None
+    stored = b"".join(
+        p.read_bytes() for p in hub.database_file.parent.glob(hub.database_file.name + "*")
+    )
+    assert token.encode() not in stored and secret.encode() not in stored
+    assert hub.client.get("/api/v1/whoami", headers=bearer(token)).status_code == 200
+
+
+# -- CORS, limits, error answers ---------------------------------------------------------------
+
+
+def test_cors_is_off_unless_configured(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    database.upgrade()
+    try:
+        closed = make_hub(database, tmp_path)
+        preflight = {"Origin": "https://ops.example", "Access-Control-Request-Method": "POST"}
+        answer = closed.client.options("/api/v1/tokens", headers=preflight)
+        assert "access-control-allow-origin" not in answer.headers
+        answer = closed.client.get("/api/v1/health", headers={"Origin": "https://ops.example"})
+        assert "access-control-allow-origin" not in answer.headers
+
+        opened = make_hub(database, tmp_path, api_cors_origins=("https://ops.example",))
+        answer = opened.client.options("/api/v1/tokens", headers=preflight)
+        assert answer.headers["access-control-allow-origin"] == "https://ops.example"
+        answer = opened.client.get("/api/v1/health", headers={"Origin": "https://ops.example"})
+        assert answer.headers["access-control-allow-origin"] == "https://ops.example"
+        answer = opened.client.get("/api/v1/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in answer.headers
+    finally:
+        database.dispose()
+
+
+def test_oversized_and_malformed_bodies(hub: Hub) -> None:
+    admin = bearer(hub.token("admin"))
+    json_headers = {**admin, "Content-Type": "application/json"}
+    big = b'{"name": "' + b"a" * MAX_BODY_BYTES + b'", "role": "viewer"}'
+    answer = hub.client.post("/api/v1/tokens", headers=json_headers, content=big)
+    assert answer.status_code == 413 and "too large" in answer.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams in
+        for _ in range(3):
+            yield b" " * (MAX_BODY_BYTES // 2)
+
+    answer = hub.client.post("/api/v1/tokens", headers=json_headers, content=chunks())
+    assert answer.status_code == 413
+
+    answer = hub.client.post("/api/v1/tokens", headers=json_headers, content=b'{"name": ')
+    assert answer.status_code == 422
+    assert answer.json()["message"].startswith("body: JSON decode error")
+    answer = hub.client.post("/api/v1/tokens", headers=json_headers, content=b"\xff\xfe{")
+    assert answer.status_code in (400, 422) and "body" in answer.text  # not even text
+    answer = hub.client.post("/api/v1/tokens", headers=json_headers, content=b"[1, 2]")
+    assert answer.status_code == 422 and answer.json()["message"].startswith("body")
+    assert len(hub.context.tokens.list()) == 1
+
+
+def test_service_errors_and_unexpected_exceptions_answer_json(hub: Hub) -> None:
+    raised: dict[str, Exception] = {
+        "missing": NotFoundError("no rollout 'r-9'"),
+        "finished": RolloutError("rollout r-1 is succeeded, not running"),
+        "database": DatabaseError("cannot connect to database at 127.0.0.1:1"),
+        "refused": EdgeOpsError("model has no int8 variant"),
+        "bug": KeyError("secret-internal-name"),
+    }
+
+    @hub.app.get("/test-errors/{kind}")
+    def fail(kind: str) -> None:
+        raise raised[kind]
+
+    client = TestClient(hub.app, raise_server_exceptions=False)
+    expected = {"missing": 404, "finished": 409, "database": 503, "refused": 400}
+    for kind, status in expected.items():
+        answer = client.get(f"/test-errors/{kind}")
+        assert answer.status_code == status, kind
+        assert answer.json() == {"detail": str(raised[kind])}
+    answer = client.get("/test-errors/bug")
+    assert answer.status_code == 500
+    assert answer.json() == {"detail": "internal error"}
+    assert "secret-internal-name" not in answer.text and "Traceback" not in answer.text
+
+
+def test_token_lifecycle_on_each_database(database: Database, tmp_path: Path) -> None:
+    hub = make_hub(database, tmp_path)
+    admin = bearer(hub.token("admin"))
+    made = hub.client.post("/api/v1/tokens", headers=admin, json={"name": "pg", "role": "viewer"})
+    assert made.status_code == 201
+    token = made.json()["token"]
+    assert hub.client.get("/api/v1/whoami", headers=bearer(token)).status_code == 200
+    assert hub.client.post("/api/v1/tokens", headers=bearer(token), json={}).status_code == 403
+    hub.client.delete(f"/api/v1/tokens/{made.json()['id']}", headers=admin)
+    assert hub.client.get("/api/v1/whoami", headers=bearer(token)).status_code == 401
+
+
+# -- edgeops tokens ----------------------------------------------------------------------------
+
+
+def test_tokens_cli_create_revoke_list(
+    isolated_environment: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created = run_cli("edgeops", "tokens", "create", "--role", "operator")
+    assert created.returncode == 0, created.stderr
+    token = next(w for w in created.stdout.split() if w.startswith("eo_"))
+    assert "not shown again" in created.stdout
+    token_id = token.split("_")[1]
+    database = Database(Settings().database)
+    try:
+        tokens = ApiContext(Settings(), database).tokens
+        assert tokens.authenticate(token) is not None
+        assert main(["tokens", "revoke", token_id]) == 0  # in process: quicker
+        assert f"revoked token {token_id}" in capsys.readouterr().out
+        assert tokens.authenticate(token) is None
+    finally:
+        database.dispose()
+
+    listed = run_cli("edgeops", "tokens", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["id"] == token_id and row["role"] == "operator" and row["revoked_at"]
+    assert re.fullmatch(r"operator-\d{8}", row["name"])
+    assert token not in listed.stdout and token.rsplit("_", 1)[1] not in listed.stdout
+
+    # errors: one line, exit 2 for a bad role (usage), 1 for an unknown token
+    capsys.readouterr()
+    assert main(["tokens", "create", "--role", "root"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["edgeops: error: unknown role 'root': choose one of viewer, operator, admin"]
+    assert main(["tokens", "revoke", "ffffffffffff"]) == 1
+    assert capsys.readouterr().err.strip() == "edgeops: error: no API token 'ffffffffffff'"
+
+
+def test_a_body_that_does_not_parse_is_refused_for_the_token_first(hub: Hub) -> None:
+    hub.app.state.failure_limiter = FailureLimiter(allowed=1_000_000)
+    json_type = {"Content-Type": "application/json"}
+    viewer = {**bearer(hub.token("viewer")), **json_type}
+    admin = {**bearer(hub.token("admin")), **json_type}
+    for body in (b"\x00", b'{"name": ', b"\xff\xfe{"):
+        anonymous = hub.client.post("/api/v1/tokens", headers=json_type, content=body)
+        assert anonymous.status_code == 401, (body, anonymous.text)
+        refused = hub.client.post("/api/v1/tokens", headers=viewer, content=body)
+        assert refused.status_code == 403, (body, refused.text)
+        allowed = hub.client.post("/api/v1/tokens", headers=admin, content=body)
+        assert allowed.status_code in (400, 422) and "body" in allowed.text, allowed.text
+
+
+def test_nan_and_infinity_in_a_body_are_refused_never_a_server_error(hub: Hub) -> None:
+    """Python's JSON parser reads NaN and Infinity, which JSON cannot carry back: every
+    mutating route answers them with a 4xx (a validation error that echoes the value must
+    not fail to encode), and nothing is stored."""
+    hub.client = TestClient(hub.app, raise_server_exceptions=False)
+    admin = bearer(hub.token("admin")) | {"Content-Type": "application/json"}
+    routes = [(m, p) for m, p in api_routes(hub.app) if m in MUTATING]
+    bodies = [b"NaN", b'{"name": NaN, "role": "viewer"}', b'{"window_s": Infinity}']
+    for method, path in routes:
+        for body in bodies:
+            answer = hub.client.request(method, path, headers=admin, content=body)
+            assert 400 <= answer.status_code < 500, (method, path, body, answer.text)
+            json.loads(answer.text)  # valid JSON: no bare NaN echoed back
+    assert [t.name for t in hub.context.tokens.list()] == ["admin-test"]
