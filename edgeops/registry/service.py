@@ -398,7 +398,10 @@ def _resolve(session: Session, ref: str, what: str = "model") -> ModelVersion:
             raise ModelNotFoundError(
                 f"{what} {ref!r}: after ':' comes a version number, got {suffix!r}"
             )
-        row = session.exec(query.where(ModelVersion.seq == int(suffix))).first()
+        seq = int(suffix)
+        row = (  # a number past any integer column holds no version (and is no SQL error)
+            session.exec(query.where(ModelVersion.seq == seq)).first() if seq < 2**31 else None
+        )
         if row is None:
             raise ModelNotFoundError(f"{what} {ref!r} not found: {_versions_of(session, name)}")
         return row
