@@ -17,10 +17,12 @@ from fastapi import Request
 from edgeops.config import Settings
 
 if TYPE_CHECKING:
+    from edgeops.api.snapshot import Snapshot
     from edgeops.api.tokens import TokenService
     from edgeops.data import DatasetService
     from edgeops.db import Database
-    from edgeops.fleet import FleetService
+    from edgeops.fleet import FleetService, IdentityService
+    from edgeops.fleet.deploy import DesiredSink
     from edgeops.monitor import TelemetryService
     from edgeops.monitor.watch import DriftService
     from edgeops.pipelines import PipelineRunner
@@ -36,6 +38,10 @@ class ApiContext:
 
     settings: Settings
     database: Database
+    publisher: DesiredSink | None = None
+    """where rollout changes made over the API publish desired state (the hub's
+    :class:`edgeops.hub.DesiredPublisher`); None: they are stored, and the hub's engine
+    publishes what its waves need as it ticks"""
     extra: dict[str, object] = field(default_factory=dict)
     """room for what a test or the server wants to hang on the context"""
 
@@ -50,6 +56,30 @@ class ApiContext:
         from edgeops.fleet import FleetService
 
         return FleetService(self.database)
+
+    @cached_property
+    def identities(self) -> IdentityService:
+        """The identity service ``edgeops devices`` uses, with the hub's broker user."""
+        from edgeops.fleet import IdentityService
+
+        endpoint = self.settings.mqtt_endpoint
+        if endpoint is not None and endpoint.username:
+            return IdentityService(self.database, hub_user=endpoint.username)
+        return IdentityService(self.database)
+
+    @cached_property
+    def device_list(self) -> Snapshot:
+        """The body of ``GET /api/v1/devices``, made again when the devices change (see
+        :mod:`edgeops.api.snapshot`); the API's own device changes invalidate it."""
+        import json
+
+        from edgeops.api.snapshot import Snapshot
+
+        def compute() -> bytes:
+            summaries = self.identities.list_summaries()
+            return json.dumps(summaries, separators=(",", ":"), allow_nan=False).encode()
+
+        return Snapshot(compute, self.identities.list_version)
 
     @cached_property
     def datasets(self) -> DatasetService:
@@ -71,11 +101,12 @@ class ApiContext:
 
     @cached_property
     def rollouts(self) -> RolloutEngine:
-        """The engine without a publisher: routes store desired state, and the hub's own
-        engine thread and publisher carry it out."""
+        """The engine the routes use, publishing through :attr:`publisher` (an abort
+        publishes the releases it sets back); the hub's own engine thread carries the
+        waves out."""
         from edgeops.rollout.engine import RolloutEngine
 
-        return RolloutEngine(self.database, None, repository=self.repository)
+        return RolloutEngine(self.database, self.publisher, repository=self.repository)
 
     @cached_property
     def telemetry(self) -> TelemetryService:

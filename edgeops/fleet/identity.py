@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -243,6 +244,107 @@ class IdentityService:
             views = [IdentityView.from_rows(d, c) for d, c in session.exec(query).all()]
         return sorted(views, key=lambda view: view.device_id)
 
+    def list_version(self) -> tuple[Any, ...]:
+        """A cheap fingerprint of what :meth:`list_summaries` shows: the row counts and the
+        newest change times of the devices and their credentials (two aggregate queries).
+        Every write of a device row sets its ``updated_at``, so an unchanged fingerprint
+        means an unchanged list, except for a transaction that commits after a newer one
+        (callers bound how long they trust it)."""
+        devices = sa.select(
+            sa.func.count(),
+            sa.func.max(col(Device.updated_at)),
+            sa.func.sum(col(Device.desired_version)),
+        )
+        credentials = sa.select(
+            sa.func.count(),
+            sa.func.max(col(DeviceCredential.enrolled_at)),
+            sa.func.count(col(DeviceCredential.revoked_at)),
+            sa.func.max(col(DeviceCredential.revoked_at)),
+        )
+        with self._db.session() as session:
+            return (*session.execute(devices).one(), *session.execute(credentials).one())
+
+    def list_summaries(self) -> list[dict[str, Any]]:
+        """Every known device as the fleet list shows it, sorted by device id, JSON-ready.
+
+        One query that reads only what the list shows (of the reported twin: its slots and
+        update state; of the desired one: the release), so a fleet of thousands lists in
+        milliseconds: ``device_id``, ``identity`` (active, revoked, none), ``tags``,
+        ``online``, ``last_seen``, ``agent_version``, ``hardware``, ``update_state``,
+        ``desired_release`` (target), ``desired_version``, ``active_release`` and
+        ``active_model`` (the target and model id of the slot the device runs),
+        ``enrolled_at``, ``revoked_at``; times as ISO 8601 strings in UTC.
+        """
+        from edgeops.fleet.desired import active_release
+
+        query = sa.select(
+            col(Device.device_id),
+            col(Device.online),
+            col(Device.last_seen),
+            col(Device.agent_version),
+            col(Device.hardware),
+            col(Device.tags),
+            col(Device.update_state),
+            col(Device.desired_version),
+            col(Device.desired)["release"],
+            col(Device.reported)["slots"],
+            col(Device.reported)["update_state"],
+            col(DeviceCredential.enrolled_at),
+            col(DeviceCredential.revoked_at),
+        ).join(
+            DeviceCredential,
+            col(DeviceCredential.device_id) == col(Device.device_id),
+            isouter=True,
+        )
+        with self._db.session() as session:
+            rows = session.execute(query).all()
+        summaries: list[dict[str, Any]] = []
+        for (
+            device_id,
+            online,
+            last_seen,
+            agent_version,
+            hardware,
+            tags,
+            update_state,
+            desired_version,
+            release,
+            slots,
+            reported_state,
+            enrolled_at,
+            revoked_at,
+        ) in rows:
+            target, model_id = active_release({"slots": slots})
+            if enrolled_at is None:
+                identity = "none"
+            else:
+                identity = "active" if revoked_at is None else "revoked"
+            summaries.append(
+                {
+                    "device_id": device_id,
+                    "identity": identity,
+                    "tags": tags or {},
+                    "online": bool(online),
+                    "last_seen": _iso(last_seen),
+                    "agent_version": agent_version,
+                    "hardware": hardware or {},
+                    "update_state": update_state
+                    or (
+                        reported_state
+                        if isinstance(reported_state, str) and reported_state
+                        else None
+                    ),
+                    "desired_release": release.get("target") if isinstance(release, dict) else None,
+                    "desired_version": desired_version,
+                    "active_release": target,
+                    "active_model": model_id,
+                    "enrolled_at": _iso(enrolled_at),
+                    "revoked_at": _iso(revoked_at),
+                }
+            )
+        summaries.sort(key=lambda summary: summary["device_id"])
+        return summaries
+
     def broker_identities(self) -> tuple[list[BrokerIdentity], list[str]]:
         """The active identities as broker users, and the names of the revoked ones."""
         with self._db.session() as session:
@@ -293,6 +395,14 @@ def hub_credentials(mqtt_url: str | None) -> tuple[str, str]:
             "the sync writes that user and password into the broker's password file"
         )
     return endpoint.username, endpoint.password
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _insert(

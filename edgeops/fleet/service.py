@@ -229,6 +229,17 @@ class FleetService:
             views = [DeviceView.from_device(device) for device in devices]
         return sorted(views, key=lambda view: view.device_id)
 
+    def count_by_presence(self) -> dict[str, int]:
+        """How many devices are ``online`` and ``offline`` (as their presence last said;
+        never heard from counts as offline): one grouped count (the hub's metrics)."""
+        query = select(col(Device.online), sa.func.count()).group_by(col(Device.online))
+        with self._db.session() as session:
+            rows = session.exec(query).all()
+        counts = {"online": 0, "offline": 0}
+        for online, count in rows:
+            counts["online" if online else "offline"] += int(count)
+        return counts
+
     def get_device(self, device_id: str) -> DeviceView:
         """The device ``device_id``; NotFoundError if the hub never heard of it."""
         with self._db.session() as session:

@@ -84,7 +84,7 @@ def serve(settings: Settings, host: str, port: int, *, connect_timeout_s: float 
         watch = _start_drift_watch(settings, database, stop)
         fetch_server, refresher = _start_trust(settings, endpoint)
         config = uvicorn.Config(
-            create_app(ApiContext(settings, database)),
+            create_app(ApiContext(settings, database, publisher=publisher)),
             host=host,
             port=port,
             log_level=settings.log_level.lower(),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 """Returns the hub's current time, aware UTC."""
+
+
+SUMMARY_MAX_WINDOWS = 10_000
+"""the most windows :meth:`TelemetryService.summary` adds up (the newest)"""
+LATENCY_KEYS = ("p50", "p95", "p99")
 
 
 @dataclass
@@ -166,6 +172,15 @@ class TelemetryService:
         with self._db.session() as session:
             return int(session.exec(query).one())
 
+    def count_received(self, since: datetime) -> tuple[int, int]:
+        """How many windows are stored, and how many of them the hub received at or after
+        ``since`` (aware UTC): one pass over the table (the hub's metrics)."""
+        recent = sa.func.sum(sa.case((col(TelemetryWindowRecord.received_at) >= since, 1), else_=0))
+        query = select(sa.func.count(), recent).select_from(TelemetryWindowRecord)
+        with self._db.session() as session:
+            total, received = session.exec(query).one()
+            return int(total), int(received or 0)
+
     def list_windows(self, device_id: str, limit: int = 100) -> list[TelemetryWindowView]:
         """The newest ``limit`` windows of ``device_id``, in sequence order (oldest first)."""
         if limit < 1:
@@ -180,6 +195,105 @@ class TelemetryService:
             records = session.exec(query).all()
             views = [TelemetryWindowView.from_record(record) for record in records]
         return views[::-1]
+
+    def summary(
+        self,
+        *,
+        model_id: str | None = None,
+        device_id: str | None = None,
+        since: datetime | None = None,
+        max_windows: int = SUMMARY_MAX_WINDOWS,
+    ) -> dict[str, Any]:
+        """What the windows received after ``since`` (of one model and/or device, if given)
+        add up to, JSON-ready; the newest ``max_windows`` of them if there are more
+        (``truncated`` says so).
+
+        ``windows``, ``devices``, ``samples``; ``first_received`` / ``last_received``;
+        ``errors`` summed by kind and ``error_count``; ``class_counts`` summed (windows
+        whose histogram has another length than the first one are left out of it);
+        ``latency_ms``: of each of p50, p95 and p99 the sample-weighted mean of the
+        windows' values and the largest one (None without values); ``models`` and the
+        windows of each. One query, which reads only these fields of each window.
+        """
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+        window = col(TelemetryWindowRecord.window)
+        query = sa.select(
+            col(TelemetryWindowRecord.device_id),
+            col(TelemetryWindowRecord.model_id),
+            col(TelemetryWindowRecord.samples),
+            col(TelemetryWindowRecord.received_at),
+            window["latency_ms"],
+            window["errors"],
+            window["class_counts"],
+        )
+        if model_id is not None:
+            query = query.where(col(TelemetryWindowRecord.model_id) == model_id)
+        if device_id is not None:
+            query = query.where(col(TelemetryWindowRecord.device_id) == device_id)
+        if since is not None:
+            query = query.where(col(TelemetryWindowRecord.received_at) > since)
+        query = query.order_by(col(TelemetryWindowRecord.received_at).desc()).limit(max_windows + 1)
+        with self._db.session() as session:
+            rows = list(session.execute(query).all())
+        truncated = len(rows) > max_windows
+        rows = rows[:max_windows]
+        devices: set[str] = set()
+        models: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        classes: list[int] | None = None
+        latency: dict[str, list[tuple[float, int]]] = {q: [] for q in LATENCY_KEYS}
+        samples = 0
+        for device, model, count, _, latency_ms, window_errors, class_counts in rows:
+            devices.add(str(device))
+            models[str(model)] = models.get(str(model), 0) + 1
+            samples += int(count)
+            if isinstance(window_errors, dict):
+                for kind, value in window_errors.items():
+                    if _is_count(value):
+                        errors[str(kind)] = errors.get(str(kind), 0) + int(value)
+            if isinstance(class_counts, list) and all(_is_count(c) for c in class_counts):
+                if classes is None:
+                    classes = [int(c) for c in class_counts]
+                elif len(classes) == len(class_counts):
+                    classes = [a + int(b) for a, b in zip(classes, class_counts, strict=True)]
+            if isinstance(latency_ms, dict):
+                for key in LATENCY_KEYS:
+                    value = latency_ms.get(key)
+                    if isinstance(value, int | float) and _is_number(value) and int(count) > 0:
+                        latency[key].append((float(value), int(count)))
+        received = [row[3] for row in rows]
+        return {
+            "windows": len(rows),
+            "truncated": truncated,
+            "devices": len(devices),
+            "samples": samples,
+            "first_received": min(received).isoformat() if received else None,
+            "last_received": max(received).isoformat() if received else None,
+            "models": dict(sorted(models.items())),
+            "errors": dict(sorted(errors.items())),
+            "error_count": sum(errors.values()),
+            "class_counts": classes or [],
+            "latency_ms": {
+                key: {
+                    "mean": (
+                        round(sum(v * n for v, n in values) / sum(n for _, n in values), 6)
+                        if values
+                        else None
+                    ),
+                    "max": max(v for v, _ in values) if values else None,
+                }
+                for key, values in latency.items()
+            },
+        }
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _insert(session: Session) -> postgresql.Insert | sqlite.Insert:

@@ -58,7 +58,13 @@ from edgeops.db.locks import lock_key
 from edgeops.db.types import utcnow
 from edgeops.errors import ConfigError, EdgeOpsError, NotFoundError
 from edgeops.fleet.models import Device
-from edgeops.monitor.drift import DriftConfig, DriftError, aggregate_windows, detect_drift
+from edgeops.monitor.drift import (
+    DriftConfig,
+    DriftError,
+    WindowAggregate,
+    aggregate_windows,
+    detect_drift,
+)
 from edgeops.monitor.models import (
     ACTION_MAX_LENGTH,
     COHORT_MAX_LENGTH,
@@ -464,6 +470,33 @@ class DriftService:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def release(self, model_id: str) -> ReleaseInfo | None:
+        """The release of ``model_id`` the watch compares with (its card's reference)."""
+        return self._releases(model_id)
+
+    def live(self, evaluation: DriftEvaluationView) -> WindowAggregate | None:
+        """The telemetry ``evaluation`` compared, summed again: its model's windows received
+        in its window, of the devices in its cohort today (None: no such window is left)."""
+        tag = None if evaluation.cohort == ALL_DEVICES else evaluation.cohort.split("=", 1)[0]
+        with self._db.session() as session:
+            rows = session.exec(
+                select(TelemetryWindowRecord.device_id, TelemetryWindowRecord.window)
+                .where(col(TelemetryWindowRecord.model_id) == evaluation.model_id)
+                .where(col(TelemetryWindowRecord.received_at) > evaluation.window_start)
+                .where(col(TelemetryWindowRecord.received_at) <= evaluation.window_end)
+                .order_by(col(TelemetryWindowRecord.device_id), col(TelemetryWindowRecord.seq))
+            ).all()
+            cohorts = self._cohorts(session, {str(d) for d, _ in rows}, tag)
+        windows = [
+            window
+            for device_id, window in rows
+            if cohorts.get(str(device_id), ALL_DEVICES) == evaluation.cohort
+        ]
+        try:
+            return aggregate_windows(windows) if windows else None
+        except DriftError:
+            return None
+
     def status(self, model_id: str | None = None) -> list[DriftEvaluationView]:
         """The newest evaluation of each release and cohort (of ``model_id`` only if given)."""
         newest = (
@@ -479,6 +512,33 @@ class DriftService:
         )
         with self._db.session() as session:
             return [DriftEvaluationView.from_record(r) for r in session.exec(query).all()]
+
+    def event_counts(self) -> dict[str, int]:
+        """How many drift events (onsets) each model id has had: one grouped count."""
+        query = (
+            select(col(DriftEvaluationRecord.model_id), sa.func.count())
+            .where(col(DriftEvaluationRecord.onset))
+            .group_by(col(DriftEvaluationRecord.model_id))
+        )
+        with self._db.session() as session:
+            return {model_id: int(count) for model_id, count in session.exec(query).all()}
+
+    def drifting_models(self) -> list[str]:
+        """The model ids whose newest evaluation, in at least one cohort, says ``drift``."""
+        newest = (
+            select(sa.func.max(DriftEvaluationRecord.id))
+            .group_by(col(DriftEvaluationRecord.model_id), col(DriftEvaluationRecord.cohort))
+            .scalar_subquery()
+        )
+        query = (
+            select(col(DriftEvaluationRecord.model_id))
+            .where(col(DriftEvaluationRecord.id).in_(newest))
+            .where(col(DriftEvaluationRecord.verdict) == "drift")
+            .distinct()
+            .order_by(col(DriftEvaluationRecord.model_id))
+        )
+        with self._db.session() as session:
+            return [str(model_id) for model_id in session.exec(query).all()]
 
     def events(self, model_id: str | None = None, limit: int = 50) -> list[DriftEvaluationView]:
         """Drift events (onsets), newest first."""
