@@ -62,7 +62,6 @@ def create_app(context: ApiContext, *, repository_dir: Path | None = None) -> Fa
     app.state.context = context
     app.state.failure_limiter = FailureLimiter()
     install_error_handlers(app)
-    install_metrics(app, context)
     if context.settings.api_cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -73,6 +72,7 @@ def create_app(context: ApiContext, *, repository_dir: Path | None = None) -> Fa
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    install_metrics(app, context)  # added last: its timing middleware wraps all the others
 
     @app.get(f"{API_PREFIX}/health", tags=["hub"])
     def health() -> dict[str, Any]:
