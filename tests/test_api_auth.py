@@ -338,3 +338,26 @@ def test_nan_and_infinity_in_a_body_are_refused_never_a_server_error(hub: Hub) -
             assert 400 <= answer.status_code < 500, (method, path, body, answer.text)
             json.loads(answer.text)  # valid JSON: no bare NaN echoed back
     assert [t.name for t in hub.context.tokens.list()] == ["admin-test"]
+
+
+def test_the_openapi_document_says_which_role_each_operation_needs(hub: Hub) -> None:
+    schema = hub.client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    roles = {
+        (method.upper(), path): operation.get("x-edgeops-role")
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+    }
+    assert roles[("GET", "/api/v1/health")] is None
+    assert roles[("GET", "/api/v1/devices")] == "viewer"
+    assert roles[("POST", "/api/v1/rollouts/{rollout_id}/pause")] == "operator"
+    assert roles[("POST", "/api/v1/tokens")] == "admin"
+    for (method, path), role in roles.items():
+        if path.startswith("/api/v1/") and path != "/api/v1/health":
+            assert role is not None, (method, path)
+            if path.startswith("/api/v1/tokens"):
+                assert role == "admin", (method, path)
+            else:
+                assert (role == "viewer") == (method == "GET"), (method, path, role)
+            operation = schema["paths"][path][method.lower()]
+            assert operation["security"] == [{"bearer": []}]

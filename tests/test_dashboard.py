@@ -407,6 +407,30 @@ def test_the_drift_page_shows_histograms_and_the_alarm_timeline(browser: Any, hu
 # -- without a browser: the same app through FastAPI's TestClient ------------------------------
 
 
+def test_the_api_docs_render_from_files_the_hub_serves(browser: Any, hub: Hub) -> None:
+    """/docs is Swagger UI on /openapi.json; its script and stylesheet come from the hub
+    itself, so the page works without internet access (any other request is refused)."""
+    page = _page(browser, hub, None)
+    elsewhere: list[str] = []
+
+    def only_this_hub(route: Any) -> None:
+        if route.request.url.startswith(hub.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_this_hub)
+    page.goto(f"{hub.url}/docs")
+    page.wait_for_selector(".opblock-tag", timeout=15_000)
+    tags = page.locator(".opblock-tag").all_inner_texts()
+    assert any("rollouts" in tag for tag in tags) and any("devices" in tag for tag in tags)
+    assert page.locator(".opblock").count() >= 30
+    assert elsewhere == []
+    _shot(page, "api-docs")
+    page.context.close()
+
+
 @dataclass
 class Plain:
     client: Any

@@ -53,7 +53,7 @@ def create_app(context: ApiContext, *, repository_dir: Path | None = None) -> Fa
         title="EdgeOps hub",
         version=__version__,
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,  # served below from files shipped in a package, not from a CDN
         redoc_url=None,
         description="The EdgeOps hub: datasets, runs, models, releases, devices, rollouts, "
         "telemetry, drift and pipelines. Authenticate with `Authorization: Bearer <token>` "
@@ -87,6 +87,8 @@ def create_app(context: ApiContext, *, repository_dir: Path | None = None) -> Fa
     for router in [*ROUTERS, tokens.router]:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(dashboard_router)
+    _install_docs(app)
+    _declare_tokens(app)
 
     @app.get("/v1/tuf/metadata/{name}", tags=["tuf"])
     def tuf_metadata(name: str, request: Request) -> Response:
@@ -97,6 +99,74 @@ def create_app(context: ApiContext, *, repository_dir: Path | None = None) -> Fa
         return _serve_file(repository_dir, f"targets/{path}", request, "application/octet-stream")
 
     return app
+
+
+def _declare_tokens(app: FastAPI) -> None:
+    """Say in the OpenAPI document which operations need a token, and which role: a
+    ``bearer`` security scheme, and on each such operation ``security`` and an
+    ``x-edgeops-role`` (Swagger UI then offers its Authorize button)."""
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.routing import APIRoute, iter_route_contexts
+
+    from edgeops.api.auth import required_role
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "an API token: edgeops tokens create --role viewer|operator|admin",
+            }
+        }
+        for context in iter_route_contexts(app.routes):
+            route = context.original_route
+            if not isinstance(route, APIRoute) or not route.include_in_schema:
+                continue
+            role = required_role(route)
+            if role is None:
+                continue
+            for method in route.methods or ():
+                operation = schema["paths"].get(context.path_format, {}).get(method.lower())
+                if operation is not None:
+                    operation["security"] = [{"bearer": []}]
+                    operation["x-edgeops-role"] = role.value
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+DOCS_STATIC = "/docs-static"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI on ``/openapi.json``, its script and stylesheet served by the hub
+    from the ``fastapi-offline`` package (the hub works without internet access)."""
+    import fastapi_offline
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOCS_STATIC, StaticFiles(directory=static), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="EdgeOps hub API",
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
+        )
 
 
 def _serve_file(
