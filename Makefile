@@ -50,6 +50,7 @@ bench: install services  ## benchmarks; results in bench/results/
 	$(BIN)/python bench/mqtt_qos1.py --ablation
 	$(BIN)/python bench/update.py
 	$(BIN)/python bench/firmware.py
+	$(BIN)/python bench/api.py
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* build *.egg-info
