@@ -489,6 +489,34 @@ def test_pipeline_runs(hub: Hub, tmp_path: Path) -> None:
     assert hub.post("/pipelines/runs", json={"model": "x"}, as_viewer=True).status_code == 403
     assert len(hub.get("/pipelines/runs").json()) == 1  # nothing else recorded
 
+    # labelled files: only under <data dir>/labels, and a refusal repeats nothing of a file
+    secret = tmp_path / "creds.csv"
+    secret.write_text("AKIAEXAMPLESECRET,hunter2\n1,2\n")
+    for path in (str(secret), "../creds.csv"):
+        body = {"model": "digits", "labeler": {"kind": "file", "path": path, "label_column": "x"}}
+        refused = hub.post("/pipelines/runs", json=body)
+        assert refused.status_code == 400 and "labels directory" in refused.text, refused.text
+        assert "AKIA" not in refused.text and "hunter2" not in refused.text
+    labels = hub.context.settings.data_dir / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    (labels / "planted.csv").write_text("AKIAEXAMPLESECRET,hunter2\n1,2\n")
+    body = {
+        "model": "digits",
+        "labeler": {"kind": "file", "path": "planted.csv", "label_column": "x"},
+    }
+    refused = hub.post("/pipelines/runs", json=body)
+    assert refused.status_code == 400 and "planted.csv is not a labelled file" in refused.text
+    assert "AKIA" not in refused.text and "hunter2" not in refused.text
+    (labels / "good.csv").write_text("f0,f1,label\n0.5,1.5,cat\n2.0,0.0,dog\n")
+    body = {
+        "model": "digits",
+        "labeler": {"kind": "file", "path": "good.csv", "label_column": "label"},
+    }
+    accepted = hub.post("/pipelines/runs", json=body)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["params"]["labeler"]["path"] == str((labels / "good.csv").resolve())
+    hub.post(f"/pipelines/runs/{accepted.json()['id']}/cancel")
+
     assert hub.post(f"/pipelines/runs/{run['id']}/cancel", as_viewer=True).status_code == 403
     cancelled = hub.post(f"/pipelines/runs/{run['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"

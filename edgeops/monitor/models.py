@@ -61,8 +61,12 @@ class TelemetryWindowRecord(TelemetryWindowBase, table=True):
     """A stored window. Written by :class:`~edgeops.monitor.TelemetryService` only."""
 
     __tablename__ = "telemetry_windows"
-    # drift evaluations read one model's windows received in a time range
-    __table_args__ = (sa.Index("ix_telemetry_windows_model_received", "model_id", "received_at"),)
+    # drift evaluations read one model's windows received in a time range; the hub's metrics
+    # and the API's summaries read the newest windows of all models
+    __table_args__ = (
+        sa.Index("ix_telemetry_windows_model_received", "model_id", "received_at"),
+        sa.Index("ix_telemetry_windows_received", "received_at"),
+    )
 
 
 class TelemetryWindowView(TelemetryWindowBase):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
@@ -84,7 +85,12 @@ class FileLabeler(_Strict):
     """A labelled CSV, Parquet or NPZ file of device samples, on the hub."""
 
     kind: Literal["file"]
-    path: str = Field(min_length=1, max_length=4096, description="a file on the hub")
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="a file under the hub's labels directory (<data dir>/labels), relative "
+        "to it or absolute",
+    )
     label_column: str | None = Field(default=None, min_length=1, max_length=256)
 
 
@@ -164,7 +170,8 @@ def start_run(
     with answers():
         params = CTParams.from_dict(document)
     if isinstance(body.labeler, FileLabeler):
-        _check_labelled_file(body.labeler)
+        path = _labelled_file(ctx, body.labeler)
+        params = CTParams.from_dict({**document, "labeler": {**labeler, "path": str(path)}})
     with answers():
         run_id = ctx.pipelines.start(CT_PIPELINE, params.to_dict())
         return ctx.pipelines.get(run_id).to_dict()
@@ -187,17 +194,35 @@ def _check_hardware(hardware: dict[str, list[str]]) -> None:
         )
 
 
-def _check_labelled_file(labeler: FileLabeler) -> None:
-    """Read the labelled file now (as the CLI does): 400 if it cannot be read."""
-    from pathlib import Path as FilePath
+LABELS_DIR = "labels"
 
+
+def _labelled_file(ctx: ApiContext, labeler: FileLabeler) -> FilePath:
+    """The labelled file, read now (as the CLI does), or 400. Over the API only files under
+    ``<data dir>/labels`` may be named (an operator's token must not read other files of
+    the hub), and a refusal does not repeat what the file holds."""
     from edgeops.errors import EdgeOpsError
     from edgeops.pipelines import LabelledFileLabeler
 
+    root = (ctx.settings.data_dir / LABELS_DIR).resolve()
+    path = (root / labeler.path).resolve()  # an absolute path replaces the root
+    if not path.is_relative_to(root):
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail=f"labeler.path: only files under the hub's labels directory {root} can be "
+            "used over the API (put the file there, or use `edgeops pipelines run`)",
+        )
     try:
-        LabelledFileLabeler(FilePath(labeler.path), label_column=labeler.label_column)
+        LabelledFileLabeler(path, label_column=labeler.label_column)
     except (EdgeOpsError, OSError, ValueError) as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"labeler.path: {exc}") from None
+        kind = "not found" if isinstance(exc, FileNotFoundError) else "not a labelled file"
+        column = f" with label column {labeler.label_column!r}" if labeler.label_column else ""
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail=f"labeler.path: {path.relative_to(root)} is {kind}{column} "
+            "(CSV, Parquet or NPZ with the samples' features and a label column)",
+        ) from None
+    return path
 
 
 @router.post(

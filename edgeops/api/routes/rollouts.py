@@ -227,6 +227,9 @@ def abort_rollout(
     previous desired release back."""
     reason = (body or AbortRequest()).reason
     with answers():
-        rolled_back = _engine(ctx).abort(rollout_id, reason)
+        try:
+            rolled_back = _engine(ctx).abort(rollout_id, reason)
+        finally:
+            ctx.device_list.invalidate()  # desired releases were set back
         document = ctx.rollouts.status(rollout_id)
     return {"id": rollout_id, "status": document["status"], "rolled_back": rolled_back}
