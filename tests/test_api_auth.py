@@ -6,20 +6,25 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 
 from edgeops.api import create_app
-from edgeops.api.auth import FailureLimiter
+from edgeops.api.auth import COOKIE, FailureLimiter, Principal, authenticate
 from edgeops.api.context import ApiContext
 from edgeops.api.limits import MAX_BODY_BYTES
+from edgeops.api.tokens import TokenService
 from edgeops.cli.main import main
 from edgeops.config import Settings
 from edgeops.db import Database
@@ -286,7 +291,9 @@ def test_tokens_cli_create_revoke_list(
     token_id = token.split("_")[1]
     database = Database(Settings().database)
     try:
-        tokens = ApiContext(Settings(), database).tokens
+        # as a running hub would: the CLI's revocation reaches another service (another
+        # process) once what that service remembers is older than remember_s (1 s; 0 here)
+        tokens = TokenService(database, remember_s=0.0)
         assert tokens.authenticate(token) is not None
         assert main(["tokens", "revoke", token_id]) == 0  # in process: quicker
         assert f"revoked token {token_id}" in capsys.readouterr().out
@@ -361,3 +368,182 @@ def test_the_openapi_document_says_which_role_each_operation_needs(hub: Hub) -> 
                 assert (role == "viewer") == (method == "GET"), (method, path, role)
             operation = schema["paths"][path][method.lower()]
             assert operation["security"] == [{"bearer": []}]
+
+
+# -- the dashboard's cookie is not an API credential (CSRF) --------------------------------------
+
+
+def test_the_api_refuses_the_dashboard_cookie_so_a_posted_form_cannot_act(hub: Hub) -> None:
+    """A page on the same host (another port) can make the browser POST a plain HTML form
+    to the API, and the browser attaches the hub's cookie: the API must not accept it."""
+    hub.app.state.failure_limiter = FailureLimiter(allowed=1_000_000)
+    admin = hub.token("admin")
+    with_cookie = TestClient(hub.app, cookies={COOKIE: admin})
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    routes = [(m, p) for m, p in api_routes(hub.app) if m in MUTATING]
+    assert ("POST", "/api/v1/rollouts/x1/abort") in routes
+    assert ("POST", "/api/v1/devices/x1/revoke") in routes
+    for method, path in routes:
+        answer = with_cookie.request(method, path, headers=form, content=b"name=x&role=admin")
+        assert answer.status_code == 401, (method, path, answer.text)
+        assert answer.headers["www-authenticate"] == "Bearer"
+    assert with_cookie.get("/api/v1/whoami").status_code == 401
+    assert [t.name for t in hub.context.tokens.list()] == ["admin-test"]  # nothing made
+    # the header still works beside the cookie, and the cookie where it is asked for
+    assert with_cookie.get("/api/v1/whoami", headers=bearer(admin)).status_code == 200
+
+    @hub.app.get("/test-page")
+    def page(request: Request) -> dict[str, str]:
+        return {"role": authenticate(request, cookie=True).role.value}
+
+    assert with_cookie.get("/test-page").json() == {"role": "admin"}
+    assert TestClient(hub.app).get("/test-page").status_code == 401
+
+
+# -- the failure limiter stays small ------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failure_limiter_keeps_only_failing_addresses_and_sweeps_once_a_window() -> None:
+    clock = FakeClock()
+    limiter = FailureLimiter(allowed=3, window_s=60.0, clock=clock)
+    for n in range(1000):
+        assert limiter.retry_after(f"10.0.{n // 256}.{n % 256}") == 0.0
+    assert len(limiter) == 0  # asking adds nothing
+
+    # blocking still works, and ends with the window
+    for _ in range(3):
+        limiter.failed("10.9.9.9")
+    assert limiter.retry_after("10.9.9.9") == 60.0
+    clock.now += 45
+    assert limiter.retry_after("10.9.9.9") == 15.0
+    clock.now += 15
+    assert limiter.retry_after("10.9.9.9") == 0.0
+    assert len(limiter) == 0  # its failures all expired: forgotten
+
+    start = clock.now
+    limiter.failed("a")  # t=0 (swept at creation, 60 s ago: this one sweeps, nothing to drop)
+    clock.now = start + 30
+    limiter.failed("b")
+    clock.now = start + 61
+    limiter.failed("c")  # 61 s after the last sweep: a is dropped, b is within the window
+    assert len(limiter) == 2
+    clock.now = start + 95
+    limiter.failed("d")  # 34 s after the last sweep: none; b is stale but stays till the next
+    assert len(limiter) == 3
+    clock.now = start + 121
+    limiter.failed("e")  # sweep: b (t=30) and c (t=61) are a window old; d and e stay
+    assert len(limiter) == 2
+    assert limiter.retry_after("d") == 0.0 and limiter.retry_after("e") == 0.0
+
+
+def test_failure_limiter_is_bounded_and_drops_the_address_that_failed_longest_ago() -> None:
+    clock = FakeClock()
+    limiter = FailureLimiter(allowed=2, window_s=60.0, max_addresses=1000, clock=clock)
+    limiter.failed("kept")
+    for n in range(50_000):  # all within one window: the sweep cannot help
+        limiter.failed(f"addr-{n}")
+        if n % 997 == 0:
+            limiter.failed("kept")  # failing again makes it the newest
+        assert n > 1000 or len(limiter) <= 1000
+    assert len(limiter) == 1000
+    limiter.failed("kept")
+    assert limiter.retry_after("kept") > 0  # still counted: it failed recently
+    limiter.failed("addr-0")  # dropped long ago: starts again from one failure
+    assert limiter.retry_after("addr-0") == 0.0
+    limiter.failed("addr-49999")
+    assert limiter.retry_after("addr-49999") > 0
+
+
+# -- the token cache under concurrent requests ---------------------------------------------------
+
+
+class _PausingDict(dict[tuple[str, str], tuple[Principal, float]]):
+    """Runs ``during`` once, after the first key, while something iterates over it."""
+
+    during: Callable[[], None] | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for n, key in enumerate(dict.__iter__(self)):
+            yield key
+            if n == 0 and self.during is not None:
+                during, self.during = self.during, None
+                during()
+
+
+def test_revoke_while_another_request_thread_remembers_a_token(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    database.upgrade()
+    try:
+        tokens = TokenService(database)
+        first = tokens.create("first", "viewer")
+        second = tokens.create("second", "viewer")[1]
+        assert tokens.authenticate(first[1]) is not None
+        known = _PausingDict(tokens._known)
+        tokens._known = known
+        outcome: list[Principal | None] = []
+
+        def another_request() -> None:  # a request thread, while revoke looks at the cache
+            thread = threading.Thread(target=lambda: outcome.append(tokens.authenticate(second)))
+            thread.start()
+            thread.join(0.3)  # it waits for revoke to let go of the cache (else: inserted now)
+
+        known.during = another_request
+        tokens.revoke(first[0].id)  # no "dictionary changed size during iteration"
+        deadline = time.monotonic() + 10
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert outcome and outcome[0] is not None and outcome[0].name == "second"
+        assert tokens.authenticate(first[1]) is None
+    finally:
+        database.dispose()
+
+
+def test_a_lookup_that_read_the_row_before_a_revocation_does_not_remember_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    database.upgrade()
+    try:
+        tokens = TokenService(database, remember_s=3600.0)
+        view, token = tokens.create("ci", "operator")
+        hooks: list[Callable[[], object]] = [lambda: tokens.revoke(view.id)]
+
+        @contextmanager
+        def session() -> Iterator[Any]:
+            with database.session() as opened:
+                yield opened
+            if hooks:  # the lookup has read the row: the revocation commits now
+                hooks.pop()()
+
+        monkeypatch.setattr(tokens, "_db", SimpleNamespace(session=session))
+        in_flight = tokens.authenticate(token)
+        assert in_flight is not None and not hooks  # it read the row before the revocation
+        assert tokens.authenticate(token) is None  # and did not remember it
+        assert tokens.list()[0].revoked_at is not None
+    finally:
+        database.dispose()
+
+
+def test_a_revocation_reaches_another_process_within_remember_s(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'hub.db'}")
+    database.upgrade()
+    try:
+        hub_process = TokenService(database, remember_s=0.3)
+        cli_process = TokenService(database)
+        view, token = cli_process.create("ci", "viewer")
+        assert hub_process.authenticate(token) is not None
+        cli_process.revoke(view.id)
+        assert cli_process.authenticate(token) is None  # at once where it was revoked
+        assert hub_process.authenticate(token) is not None  # remembered for remember_s
+        time.sleep(0.35)
+        assert hub_process.authenticate(token) is None
+    finally:
+        database.dispose()

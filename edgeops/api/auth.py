@@ -5,9 +5,13 @@
     def create(..., who: Principal = Depends(operator)) -> ...
 
 Roles are ordered: ``viewer`` < ``operator`` < ``admin``. A request without a valid token gets
-401 (``WWW-Authenticate: Bearer``); a valid token whose role is too low gets 403. Tokens are
-``Authorization: Bearer <token>``; the dashboard also accepts the same token in the
-``edgeops_token`` cookie. See :mod:`edgeops.api.tokens` for how tokens are kept.
+401 (``WWW-Authenticate: Bearer``); a valid token whose role is too low gets 403. The API
+takes a token only from ``Authorization: Bearer <token>``, never from a cookie: a browser
+attaches cookies to any request it sends to the hub, also to a form another page on the same
+host posts, so a cookie would let such a page act with the user's role. The dashboard's pages
+(which check where each form comes from) call :func:`authenticate` with ``cookie=True`` to
+read the same token from the ``edgeops_token`` cookie. See :mod:`edgeops.api.tokens` for how
+tokens are kept.
 """
 
 from __future__ import annotations
@@ -59,49 +63,102 @@ FAILURE_WINDOW_S = 60.0
 COOKIE = "edgeops_token"
 
 
-class FailureLimiter:
-    """Counts failed authentications per client address in a sliding window; thread-safe."""
+MAX_FAILING_ADDRESSES = 10_000
+"""addresses whose failures are kept at most; past it the one that failed longest ago goes"""
 
-    def __init__(self, allowed: int = FAILURES_ALLOWED, window_s: float = FAILURE_WINDOW_S) -> None:
+
+class FailureLimiter:
+    """Counts failed authentications per client address in a sliding window; thread-safe.
+
+    Memory stays bounded: only addresses that failed are kept (asking :meth:`retry_after`
+    adds nothing), at most once per ``window_s`` a sweep drops every address whose newest
+    failure is older than the window, and past ``max_addresses`` the address whose newest
+    failure is the oldest is dropped. ``clock`` (seconds, monotonic) is for tests."""
+
+    def __init__(
+        self,
+        allowed: int = FAILURES_ALLOWED,
+        window_s: float = FAILURE_WINDOW_S,
+        *,
+        max_addresses: int = MAX_FAILING_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if allowed < 1 or window_s <= 0 or max_addresses < 1:
+            raise ValueError("allowed, window_s and max_addresses must be positive")
         self.allowed = allowed
         self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._clock = clock
+        # insertion order is the order of each address's newest failure: a failure moves its
+        # address to the end, so the first entry is the one that failed longest ago
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        self._swept_at = clock()
 
-    def _recent(self, client: str, now: float) -> deque[float]:
-        times = self._failures.setdefault(client, deque())
+    def __len__(self) -> int:
+        """How many addresses have failures kept."""
+        with self._lock:
+            return len(self._failures)
+
+    def _drop_old(self, times: deque[float], now: float) -> None:
         while times and times[0] <= now - self.window_s:
             times.popleft()
-        return times
+
+    def _sweep(self, now: float) -> None:
+        """Drop the addresses with no failure in the window; at most once per window."""
+        if now - self._swept_at < self.window_s:
+            return
+        self._swept_at = now
+        cutoff = now - self.window_s
+        for client in [c for c, times in self._failures.items() if times[-1] <= cutoff]:
+            del self._failures[client]
 
     def retry_after(self, client: str) -> float:
         """Seconds until ``client`` may try again; 0 if it may now."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
-            times = self._recent(client, now)
+            times = self._failures.get(client)
+            if times is None:
+                return 0.0
+            self._drop_old(times, now)
+            if not times:
+                del self._failures[client]
+                return 0.0
             if len(times) < self.allowed:
                 return 0.0
             return max(0.0, times[0] + self.window_s - now)
 
     def failed(self, client: str) -> None:
-        now = time.monotonic()
+        """Count a failed authentication from ``client``."""
+        now = self._clock()
         with self._lock:
-            self._recent(client, now).append(now)
-            if len(self._failures) > 10_000:  # forget quiet addresses, bounded memory
-                for key in [k for k, v in self._failures.items() if not v]:
-                    del self._failures[key]
+            self._sweep(now)
+            times = self._failures.pop(client, None)  # re-inserted last: newest failure
+            if times is None:
+                times = deque(maxlen=self.allowed)  # only the newest ``allowed`` matter
+            self._drop_old(times, now)
+            times.append(now)
+            self._failures[client] = times
+            while len(self._failures) > self.max_addresses:
+                del self._failures[next(iter(self._failures))]
 
 
-def _token_of(request: Request) -> str | None:
+def _token_of(request: Request, *, cookie: bool) -> str | None:
+    """The token the request carries: the ``Authorization`` header's Bearer value ("" for
+    another scheme or an empty value); without that header, the cookie if ``cookie``."""
     header = request.headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
         return value.strip() if scheme.lower() == "bearer" and value.strip() else ""
-    return request.cookies.get(COOKIE)
+    return request.cookies.get(COOKIE) if cookie else None
 
 
-def authenticate(request: Request) -> Principal:
-    """The caller of ``request``: 401 without a valid token, 429 after too many failures."""
+def authenticate(request: Request, *, cookie: bool = False) -> Principal:
+    """The caller of ``request``: 401 without a valid token, 429 after too many failures.
+
+    The token comes from ``Authorization: Bearer``; with ``cookie=True`` (the dashboard's
+    pages only, never ``/api/v1``) a request without that header may carry it in the
+    ``edgeops_token`` cookie instead."""
     context: ApiContext = request.app.state.context
     limiter: FailureLimiter = request.app.state.failure_limiter
     client = request.client.host if request.client else "unknown"
@@ -112,7 +169,7 @@ def authenticate(request: Request) -> Principal:
             detail="too many failed authentications from this address; try again later",
             headers={"Retry-After": str(max(1, round(wait)))},
         )
-    token = _token_of(request)
+    token = _token_of(request, cookie=cookie)
     principal = context.tokens.authenticate(token) if token else None
     if principal is None:
         limiter.failed(client)
@@ -127,8 +184,14 @@ def authenticate(request: Request) -> Principal:
     return principal
 
 
+def bearer(request: Request) -> Principal:
+    """The dependency behind :data:`viewer`, :data:`operator` and :data:`admin`:
+    :func:`authenticate` from the ``Authorization`` header alone."""
+    return authenticate(request)
+
+
 def _needs(role: Role) -> Callable[[Principal], Principal]:
-    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    def check(principal: Annotated[Principal, Depends(bearer)]) -> Principal:
         if not principal.role.allows(role):
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
@@ -147,7 +210,7 @@ admin = _needs(Role.ADMIN)
 """admin only: tokens."""
 
 _ROLE_OF: dict[object, Role] = {
-    authenticate: Role.VIEWER,
+    bearer: Role.VIEWER,
     viewer: Role.VIEWER,
     operator: Role.OPERATOR,
     admin: Role.ADMIN,

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,12 +73,17 @@ def _digest(secret: str) -> str:
 
 
 class TokenService:
-    """Creates, lists, revokes and checks API tokens; one transaction each."""
+    """Creates, lists, revokes and checks API tokens; one transaction each. Thread-safe: one
+    service answers every request thread of the hub."""
 
     def __init__(self, database: Database, *, remember_s: float = REMEMBER_S) -> None:
         self._db = database
         self.remember_s = remember_s
         self._known: dict[tuple[str, str], tuple[Principal, float]] = {}
+        self._lock = threading.Lock()  # guards _known and _revocations
+        # counts the starts and ends of revocations: a lookup that sees it change while it
+        # reads the database remembers nothing, as the row it read may predate the revocation
+        self._revocations = 0
 
     def create(self, name: str, role: str) -> tuple[TokenView, str]:
         """A new token: its view and the token itself (shown once, never stored)."""
@@ -110,6 +116,8 @@ class TokenService:
 
     def revoke(self, token_id: str) -> TokenView:
         """Revoke ``token_id`` (NotFoundError if there is none); revoking twice is harmless."""
+        with self._lock:  # lookups from now on may read the row before the commit below
+            self._revocations += 1
         with self._db.session() as session:
             record = session.get(ApiTokenRecord, token_id)
             if record is None:
@@ -119,8 +127,10 @@ class TokenService:
                 session.add(record)
                 session.flush()
             view = TokenView.of(record)
-        for key in [key for key in self._known if key[0] == token_id]:  # after the commit
-            self._known.pop(key, None)
+        with self._lock:  # after the commit
+            self._revocations += 1
+            for key in [key for key in self._known if key[0] == token_id]:
+                del self._known[key]
         return view
 
     def authenticate(self, token: str) -> Principal | None:
@@ -129,16 +139,22 @@ class TokenService:
 
         A token found good is remembered for ``remember_s`` (1 s), keyed by its hash, so a
         client sending many requests costs one lookup a second. A revocation through this
-        service takes effect at once; one made by another process (``edgeops tokens
-        revoke`` beside a running hub) within ``remember_s``.
+        service (the hub's ``DELETE /api/v1/tokens/{id}``) takes effect at once in this
+        process: it empties the token's entry, and a lookup that was already under way when
+        the revocation began does not remember what it read. A revocation made by another
+        process (``edgeops tokens revoke`` beside a running hub) takes effect here within
+        ``remember_s``.
         """
         match = _TOKEN.fullmatch(token)
         if match is None:
             return None
         token_id, secret = match.groups()
         digest = _digest(secret)
+        key = (token_id, digest)
         now = time.monotonic()
-        known = self._known.get((token_id, digest))
+        with self._lock:
+            known = self._known.get(key)
+            generation = self._revocations
         if known is not None and known[1] > now:
             return known[0]
         with self._db.session() as session:
@@ -146,10 +162,14 @@ class TokenService:
             expected = record.secret_sha256 if record is not None else _digest("")
             good = hmac.compare_digest(digest, expected)
             if record is None or not good or record.revoked_at is not None:
-                self._known.pop((token_id, digest), None)
-                return None
-            principal = Principal(record.id, record.name, Role(record.role))
-        if len(self._known) >= MAX_REMEMBERED:
-            self._known.clear()
-        self._known[(token_id, digest)] = (principal, now + self.remember_s)
+                principal = None
+            else:
+                principal = Principal(record.id, record.name, Role(record.role))
+        with self._lock:
+            if principal is None:
+                self._known.pop(key, None)
+            elif generation == self._revocations:  # no revocation began meanwhile
+                if len(self._known) >= MAX_REMEMBERED:
+                    self._known.clear()
+                self._known[key] = (principal, now + self.remember_s)
         return principal

@@ -121,7 +121,8 @@ def tokens_revoke(
     ],
     as_json: JsonOption = False,
 ) -> None:
-    """Revoke an API token: it stops working at once. Revoking twice is harmless."""
+    """Revoke an API token. A running hub refuses it within 1 s (at once when revoked through
+    the hub's API). Revoking twice is harmless."""
     with _tokens() as tokens:
         view = tokens.revoke(token_id)
     if as_json:
