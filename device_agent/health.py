@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,10 @@ def _escape(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
 def _number(value: object) -> float | None:
     if isinstance(value, bool):
         return float(value)
@@ -37,8 +42,27 @@ def _number(value: object) -> float | None:
     return None
 
 
+def _go_float(value: float) -> str:
+    """``value`` written as Go (and prometheus-client) write a sample value: ``+Inf``,
+    ``-Inf``, ``NaN``; an exponent once there are more than six digits before the point."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    text = repr(value)
+    dot = text.find(".")
+    if value > 0 and dot > 6:
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
+
+
 class _Exposition:
-    """Prometheus text format, one family at a time."""
+    """Prometheus text format 0.0.4, one family at a time, written as prometheus-client's
+    ``generate_latest`` writes it: a counter's ``# HELP`` and ``# TYPE`` name its samples'
+    name, ``..._total``; labels sorted by name; values as Go formats them. (The
+    ``_created`` samples prometheus-client adds to its own counters are left out: the
+    agent does not keep when each counter started.)"""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -46,19 +70,22 @@ class _Exposition:
     def family(
         self, name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]
     ) -> None:
+        """A family of ``kind`` ``counter`` (``name`` gets ``_total``) or ``gauge``."""
         if not samples:
             return
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
         sample_name = f"{name}_total" if kind == "counter" else name
+        self.lines.append(f"# HELP {sample_name} {_help(help_text)}")
+        self.lines.append(f"# TYPE {sample_name} {kind}")
         for labels, value in samples:
-            shown = ",".join(f'{key}="{_escape(v)}"' for key, v in labels.items())
+            shown = ",".join(f'{key}="{_escape(labels[key])}"' for key in sorted(labels))
             self.lines.append(
-                f"{sample_name}{{{shown}}} {value!r}" if shown else f"{sample_name} {value!r}"
+                f"{sample_name}{{{shown}}} {_go_float(value)}"
+                if shown
+                else f"{sample_name} {_go_float(value)}"
             )
 
     def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+        return "".join(line + "\n" for line in self.lines)
 
 
 def render_metrics(doc: dict[str, Any]) -> str:

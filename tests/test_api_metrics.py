@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from device_agent.health import HealthEndpoint, render_metrics
 from device_agent.protocol import Presence
@@ -222,3 +225,69 @@ def test_agent_metrics_leave_out_what_the_document_lacks() -> None:
     assert value(samples, "edgeops_agent_connected") == 0
     assert value(samples, "edgeops_agent_info", device_id='odd"id\\', agent_version="") == 1
     assert not [key for key in samples if key[0] == "edgeops_agent_inferences_total"]
+
+
+AGENT_TYPES = {
+    "edgeops_agent_info": "gauge",
+    "edgeops_agent_connected": "gauge",
+    "edgeops_agent_inferences": "counter",
+    "edgeops_agent_errors": "counter",
+    "edgeops_agent_windows": "counter",
+    "edgeops_agent_buffer_pending": "gauge",
+    "edgeops_agent_buffer_dropped": "counter",
+    "edgeops_agent_dropped_messages": "counter",
+    "edgeops_agent_update_state": "gauge",
+    "edgeops_agent_model_error": "gauge",
+    "edgeops_agent_source_error": "gauge",
+    "edgeops_agent_health_timestamp_seconds": "gauge",
+    "edgeops_agent_latency_seconds": "gauge",
+}
+
+
+def test_agent_metric_families_have_their_types_as_prometheus_client_writes_them() -> None:
+    """A counter's HELP and TYPE lines name its ``_total`` samples (else the parser reads an
+    empty counter and an untyped family), and the whole document is byte for byte what
+    prometheus-client's own ``generate_latest`` writes for the same families."""
+    text = render_metrics(agent_document())
+    families = list(text_string_to_metric_families(text))
+    assert {family.name: family.type for family in families} == AGENT_TYPES
+    for family in families:
+        assert family.samples, family.name
+        suffix = "_total" if family.type == "counter" else ""
+        assert {sample.name for sample in family.samples} == {family.name + suffix}
+
+    class Parsed(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield from families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Parsed())
+    assert generate_latest(registry).decode() == text
+
+    # prometheus-client's own Counter of the same name, help and value: the same lines
+    own = CollectorRegistry()
+    Counter("edgeops_agent_inferences", "samples run through the model", registry=own).inc(1234)
+    written = [
+        line for line in generate_latest(own).decode().splitlines() if "_created" not in line
+    ]
+    assert written == [
+        "# HELP edgeops_agent_inferences_total samples run through the model",
+        "# TYPE edgeops_agent_inferences_total counter",
+        "edgeops_agent_inferences_total 1234.0",
+    ]
+    lines = text.splitlines()
+    start = lines.index(written[0])
+    assert lines[start : start + 3] == written
+
+
+def test_agent_metric_values_and_labels_are_written_as_go_writes_them() -> None:
+    doc = agent_document() | {"ts": 1_800_000_000.5, "samples": float("inf")}
+    doc["errors"] = {"z": 1, "a": 2}
+    text = render_metrics(doc)
+    assert "edgeops_agent_health_timestamp_seconds 1.8000000005e+09" in text.splitlines()
+    assert "edgeops_agent_inferences_total +Inf" in text.splitlines()
+    info = next(line for line in text.splitlines() if line.startswith("edgeops_agent_info{"))
+    assert info == 'edgeops_agent_info{agent_version="0.1.0",device_id="edge-4"} 1.0'
+    errors = [line for line in text.splitlines() if line.startswith("edgeops_agent_errors_total")]
+    assert errors == ['edgeops_agent_errors_total{kind="a"} 2.0',
+                      'edgeops_agent_errors_total{kind="z"} 1.0']  # fmt: skip
