@@ -66,6 +66,12 @@ class Settings(FileBackedSettings):
         default=(),
         description="origins allowed to call the API from a browser (CORS); empty: CORS off",
     )
+    public_url: str | None = Field(
+        default=None,
+        description="the address browsers use to reach the hub, e.g. https://hub.example.com "
+        "(behind a reverse proxy): dashboard forms must come from this origin, and an https "
+        "address makes the login cookie Secure; unset: forms must come from the Host header",
+    )
     secret_key: SecretStr | None = Field(
         default=None, description="key for signing API tokens and sessions"
     )
@@ -105,6 +111,33 @@ class Settings(FileBackedSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"public URL {value!r} has an invalid port") from None
+        if parts.scheme.lower() not in ("http", "https"):
+            raise ValueError(f"public URL {value!r} must start with http:// or https://")
+        if not parts.hostname or parts.username is not None or parts.password is not None:
+            raise ValueError(f"public URL {value!r} must name a host (and no user)")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in value:
+            raise ValueError(
+                f"public URL {value!r} must be an origin: no path other than /, no query"
+            )
+        host = parts.hostname.lower()
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = parts.scheme.lower()
+        default = 443 if scheme == "https" else 80
+        return f"{scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
     @field_validator("mqtt_url")
     @classmethod

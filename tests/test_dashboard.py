@@ -10,12 +10,16 @@ installs it).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import socket
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +122,19 @@ def _seed_devices(context: ApiContext) -> None:
             )
         )
         fleet.record_presence(Presence(device_id, online=i not in (4, 5), ts=1_700_000_001.0))
+
+
+def _one_device(context: ApiContext) -> None:
+    """One device running the old release: enough for a rollout of :func:`_spec`."""
+    context.fleet.record_state(
+        StateReport(
+            device_id="dev-one",
+            agent_version="0.1.0",
+            hardware={"arch": "aarch64"},
+            slots={"active": "a", "a": {"target": OLD_TARGET, "model_id": "m-old"}},
+            free_memory_bytes=GIB,
+        )
+    )
 
 
 def _seed_search(context: ApiContext, model_id: str) -> None:
@@ -404,6 +421,40 @@ def test_the_drift_page_shows_histograms_and_the_alarm_timeline(browser: Any, hu
     page.context.close()
 
 
+def test_live_polling_with_a_revoked_token_goes_to_the_login_page(browser: Any, hub: Hub) -> None:
+    view, token = hub.context.tokens.create("short-lived", "viewer")
+    page = _page(browser, hub, token)
+    page.goto(f"{hub.url}/rollouts/{hub.rollout_id}")
+    assert page.locator("#rollout-status").inner_text() == "running"
+    hub.context.tokens.revoke(view.id)
+    page.wait_for_url(f"{hub.url}/login", timeout=8_000)  # the next poll's 401
+    cookies = [c["name"] for c in page.context.cookies()]
+    assert "edgeops_token" not in cookies  # the live endpoint cleared it
+    page.context.close()
+
+
+def test_live_polling_stops_on_429(browser: Any, hub: Hub) -> None:
+    """A limited address gets no more polls from the page: one request, then a note."""
+    page = _page(browser, hub, hub.viewer)
+    polls: list[str] = []
+
+    def limited(route: Any) -> None:
+        polls.append(route.request.url)
+        route.fulfill(status=429, body="too many failed authentications")
+
+    page.route("**/live", limited)
+    page.clock.install()
+    page.goto(f"{hub.url}/rollouts/{hub.rollout_id}")
+    page.clock.run_for(2_500)
+    page.wait_for_selector("#live-stopped", timeout=5_000)
+    assert "HTTP 429" in page.locator("#live-stopped").inner_text()
+    page.clock.run_for(120_000)  # two minutes of page time: no retry
+    page.wait_for_timeout(300)
+    assert len(polls) == 1
+    assert page.url == f"{hub.url}/rollouts/{hub.rollout_id}"
+    page.context.close()
+
+
 # -- without a browser: the same app through FastAPI's TestClient ------------------------------
 
 
@@ -442,8 +493,10 @@ class Plain:
 ORIGIN = {"Origin": "http://testserver"}
 
 
-@pytest.fixture
-def plain(tmp_path: Path) -> Iterator[Plain]:
+@contextlib.contextmanager
+def _plain_hub(
+    tmp_path: Path, base_url: str = "http://testserver", **settings: Any
+) -> Iterator[Plain]:
     """An empty hub (no device, rollout, model or evaluation) behind a TestClient."""
     from fastapi.testclient import TestClient
 
@@ -453,12 +506,20 @@ def plain(tmp_path: Path) -> Iterator[Plain]:
 
     database = Database(f"sqlite:///{tmp_path / 'hub.db'}")
     database.upgrade()
-    context = ApiContext(Settings(data_dir=tmp_path), database)
+    context = ApiContext(Settings(data_dir=tmp_path, **settings), database)
     operator = context.tokens.create("ops", "operator")[1]
     viewer = context.tokens.create("watcher", "viewer")[1]
-    with TestClient(create_app(context), follow_redirects=False) as client:
-        yield Plain(client, context, operator, viewer)
-    database.dispose()
+    try:
+        with TestClient(create_app(context), base_url=base_url, follow_redirects=False) as client:
+            yield Plain(client, context, operator, viewer)
+    finally:
+        database.dispose()
+
+
+@pytest.fixture
+def plain(tmp_path: Path) -> Iterator[Plain]:
+    with _plain_hub(tmp_path) as hub:
+        yield hub
 
 
 def _login(plain: Plain, token: str) -> None:
@@ -563,8 +624,7 @@ def test_what_the_pages_show_is_escaped_and_served_from_this_hub(plain: Plain) -
     page = answer.text
     assert "<script>alert(1)</script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    answer = plain.client.get(f"/rollouts/{rollout_id}", params={"notice": "<b>hi</b>"})
-    assert "&lt;b&gt;hi&lt;/b&gt;" in answer.text and "<b>hi</b>" not in answer.text
+    answer = plain.client.get(f"/rollouts/{rollout_id}")
     assert 'id="pause"' not in answer.text  # a viewer gets no buttons
     # the live fragment the page polls
     live = plain.client.get(f"/rollouts/{rollout_id}/live")
@@ -584,8 +644,215 @@ def test_what_the_pages_show_is_escaped_and_served_from_this_hub(plain: Plain) -
     assert plain.context.rollouts.status(rollout_id)["status"] == "running"
     _login(plain, plain.operator)
     answer = plain.client.post(f"/rollouts/{rollout_id}/resume", headers=ORIGIN)
-    assert answer.status_code == 303 and "not+paused" in answer.headers["location"]
+    assert answer.status_code == 303
+    assert answer.headers["location"] == f"/rollouts/{rollout_id}?done=resume-refused"
+    assert (
+        "Not resumed: the rollout is not paused."
+        in plain.client.get(answer.headers["location"]).text
+    )
     answer = plain.client.post(f"/rollouts/{rollout_id}/abort", headers=ORIGIN)
     assert answer.status_code == 303
+    assert answer.headers["location"] == f"/rollouts/{rollout_id}?done=aborted"
     assert plain.context.rollouts.status(rollout_id)["status"] == "aborted"
-    assert "aborted by ops from the dashboard" in plain.client.get(answer.headers["location"]).text
+    text = plain.client.get(answer.headers["location"]).text
+    assert "aborted by ops from the dashboard" in text
+    assert "Aborted: every device the rollout reached gets its previous release back." in text
+
+
+def test_the_rollout_page_shows_only_fixed_sentences_from_its_address(plain: Plain) -> None:
+    """``?done=`` picks one of the fixed sentences; no text of the address reaches the page."""
+    from edgeops.api.dashboard import DONE
+    from edgeops.rollout.engine import RolloutEngine
+
+    _one_device(plain.context)
+    rollout_id = RolloutEngine(plain.context.database, None).create(_spec(), custom=_contract())
+    _login(plain, plain.operator)
+    answer = plain.client.post(f"/rollouts/{rollout_id}/pause", headers=ORIGIN)
+    assert answer.headers["location"] == f"/rollouts/{rollout_id}?done=paused"
+    page = plain.client.get(answer.headers["location"]).text
+    assert f'id="notice">{DONE["paused"]}</p>' in page
+    for params in (
+        {"notice": "Your session expired: log in at evil.example"},
+        {"done": "Your session expired: log in at evil.example"},
+        {"done": "<b>hi</b>"},
+        {"done": ""},
+    ):
+        page = plain.client.get(f"/rollouts/{rollout_id}", params=params).text
+        assert 'id="notice"' not in page, params
+        assert "evil.example" not in page and "hi</b>" not in page, params
+
+
+# -- behind a reverse proxy: public_url ----------------------------------------------------------
+
+PUBLIC = "https://hub.example.com"
+PROXIED = {"Host": "127.0.0.1:8000", "Content-Type": _FORM}
+"""nginx's default: the request reaches the hub with the upstream's address as its Host"""
+
+
+def test_public_url_must_be_an_http_origin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from edgeops.config import Settings
+
+    assert Settings(public_url="https://Hub.Example.com/").public_url == PUBLIC
+    assert Settings(public_url="https://hub.example.com:443").public_url == PUBLIC
+    assert Settings(public_url="http://hub:8080").public_url == "http://hub:8080"
+    assert Settings(public_url="").public_url is None
+    monkeypatch.setenv("EDGEOPS_PUBLIC_URL", "https://hub.example.com")
+    assert Settings().public_url == PUBLIC
+    bad_values = ["ftp://hub", "hub.example.com", "https://", "https://hub/edgeops"]
+    bad_values += ["https://hub/?a=1", "https://hub#x", "https://user@hub", "https://hub:99999"]
+    for bad in bad_values:
+        with pytest.raises(ValidationError, match="public_url"):
+            Settings(public_url=bad)
+
+
+def test_behind_a_proxy_forms_must_come_from_the_public_url(tmp_path: Path) -> None:
+    from edgeops.rollout.engine import RolloutEngine
+
+    with _plain_hub(tmp_path, public_url=PUBLIC) as hub:
+        login = {"content": f"token={hub.operator}"}
+        for source in ({"Origin": PUBLIC}, {"Origin": f"{PUBLIC}:443"},
+                       {"Referer": f"{PUBLIC}/login?x=1"}):  # fmt: skip
+            answer = hub.client.post("/login", **login, headers={**PROXIED, **source})
+            assert answer.status_code == 303, source
+            cookie = answer.headers["set-cookie"]
+            assert "Secure" in cookie and "HttpOnly" in cookie  # https public address
+        # the Host header no longer decides; another scheme, host or port is another origin
+        for source in ({"Origin": "http://127.0.0.1:8000"}, {"Origin": "http://hub.example.com"},
+                       {"Origin": f"{PUBLIC}:8443"}, {"Origin": "https://evil.example"},
+                       {"Referer": "https://hub.example.com.evil.example/"}, {}):  # fmt: skip
+            answer = hub.client.post("/login", **login, headers={**PROXIED, **source})
+            assert answer.status_code == 403 and "set-cookie" not in answer.headers, source
+        answer = hub.client.post(
+            "/login", **login, headers={"Origin": "http://testserver", "Content-Type": _FORM}
+        )
+        assert answer.status_code == 403
+        # a rollout action and logging out from the public address work
+        _one_device(hub.context)
+        rollout_id = RolloutEngine(hub.context.database, None).create(_spec(), custom=_contract())
+        bearer = {"Authorization": f"Bearer {hub.operator}"}
+        answer = hub.client.post(
+            f"/rollouts/{rollout_id}/pause", headers={**PROXIED, **bearer, "Origin": PUBLIC}
+        )
+        assert answer.status_code == 303
+        assert hub.context.rollouts.status(rollout_id)["status"] == "paused"
+        answer = hub.client.post("/logout", headers={**PROXIED, "Origin": PUBLIC})
+        assert answer.status_code == 303
+        assert 'edgeops_token=""' in answer.headers["set-cookie"]
+        assert "Secure" in answer.headers["set-cookie"]
+
+
+def test_without_public_url_the_host_header_decides_and_https_makes_the_cookie_secure(
+    tmp_path: Path,
+) -> None:
+    with _plain_hub(tmp_path / "a") as hub:
+        login = {"content": f"token={hub.operator}"}
+        answer = hub.client.post("/login", **login, headers={**PROXIED, "Origin": PUBLIC})
+        assert answer.status_code == 403  # Origin and Host differ
+        answer = hub.client.post("/login", **login, headers={**ORIGIN, "Content-Type": _FORM})
+        assert answer.status_code == 303 and "Secure" not in answer.headers["set-cookie"]
+    with _plain_hub(tmp_path / "b", base_url="https://testserver") as hub:
+        answer = hub.client.post(
+            "/login",
+            content=f"token={hub.operator}",
+            headers={"Origin": "https://testserver", "Content-Type": _FORM},
+        )
+        assert answer.status_code == 303 and "Secure" in answer.headers["set-cookie"]
+    with _plain_hub(tmp_path / "c", public_url="http://hub.example.com") as hub:
+        answer = hub.client.post(
+            "/login",
+            content=f"token={hub.operator}",
+            headers={**PROXIED, "Origin": "http://hub.example.com"},
+        )
+        assert answer.status_code == 303 and "Secure" not in answer.headers["set-cookie"]
+
+
+# -- live polling --------------------------------------------------------------------------------
+
+
+def test_live_polls_with_a_revoked_token_clear_the_cookie_and_are_not_rate_limited(
+    plain: Plain,
+) -> None:
+    from edgeops.rollout.engine import RolloutEngine
+
+    _one_device(plain.context)
+    rollout_id = RolloutEngine(plain.context.database, None).create(_spec(), custom=_contract())
+    view, token = plain.context.tokens.create("short-lived", "viewer")
+    _login(plain, token)
+    assert plain.client.get(f"/rollouts/{rollout_id}/live").status_code == 200
+    plain.context.tokens.revoke(view.id)
+    answer = plain.client.get(f"/rollouts/{rollout_id}/live")
+    assert answer.status_code == 401
+    assert 'edgeops_token=""' in answer.headers["set-cookie"]
+    assert "edgeops_token" not in plain.client.cookies
+    # a page that keeps polling sends no token any more: no failed authentication counted
+    for _ in range(15):
+        assert plain.client.get(f"/rollouts/{rollout_id}/live").status_code == 401
+    _login(plain, plain.viewer)
+    assert (
+        plain.client.get(
+            "/api/v1/whoami", headers={"Authorization": f"Bearer {plain.viewer}"}
+        ).status_code
+        == 200
+    )
+
+
+# -- charts with degenerate data -----------------------------------------------------------------
+
+
+def _svg_ok(markup: str) -> ET.Element:
+    root = ET.fromstring(str(markup))
+    assert root.tag.endswith("svg")
+    assert re.search(r"\b(nan|inf)\b|j\)", str(markup).lower()) is None
+    return root
+
+
+def _point(flash: Any, accuracy: Any, ram: Any) -> dict[str, Any]:
+    return {"flash_bytes": flash, "accuracy": accuracy, "ram_bytes": ram, "fits": True,
+            "width": 1.0, "sparsity": 0.0, "quantization": "int8"}  # fmt: skip
+
+
+def test_the_pareto_plot_draws_degenerate_fronts() -> None:
+    from edgeops.api.dashboard import charts
+
+    circles = ".//{http://www.w3.org/2000/svg}circle"
+    cases = {
+        "every RAM 0": [_point(6_000, 0.8, 0), _point(9_000, 0.9, 0)],
+        "one point": [_point(6_000, 0.8, 2_048)],
+        "equal sizes and accuracies": [_point(6_000, 0.8, 1), _point(6_000, 0.8, 2)],
+        "size 0": [_point(0, 0.5, 0)],
+        "size -5": [_point(-5, 0.5, 0)],
+        "large accuracy": [_point(1, 1e12, 0)],
+        "large sizes": [_point(1e15, 0.5, 1), _point(-1e15, 0.6, 1)],
+        "negative RAM": [_point(6_000, 0.8, -4), _point(7_000, 0.9, 0)],
+    }
+    for name, points in cases.items():
+        root = _svg_ok(charts.pareto_plot(points, label=name))
+        assert len(root.findall(circles)) == len(points), name
+    # not numbers, not finite, or booleans: left out; nothing left: a sentence
+    odd = [_point(float("nan"), 0.5, 0), _point(float("inf"), 0.5, 0), _point(True, 0.5, 0),
+           _point("6000", 0.5, 0), _point(6_000, None, 0), _point(1e308, 0.5, 0),
+           _point(1, 1e20, 0)]  # fmt: skip
+    for nothing in (odd, []):
+        drawn = charts.pareto_plot(nothing)
+        _svg_ok(drawn)
+        assert "no candidates with size and accuracy" in drawn
+    root = _svg_ok(charts.pareto_plot([_point(6_000, 0.8, float("nan")), _point(7_000, 0.9, 5)]))
+    assert len(root.findall(circles)) == 1  # unknown RAM: a hollow square
+    assert len(root.findall(".//{http://www.w3.org/2000/svg}rect[@width='10']")) == 1
+
+
+def test_the_other_charts_draw_empty_and_zero_data() -> None:
+    from edgeops.api.dashboard import charts
+
+    for reference, live in (([], None), ([], []), ([0, 0, 0], [0, 0]), ([3, 1], None),
+                            ([float("nan"), -1, 2], [float("inf"), 1])):  # fmt: skip
+        _svg_ok(charts.histogram_pair(reference, live, label="h"))
+    _svg_ok(charts.stacked_bars([], [], label="nothing"))
+    _svg_ok(charts.stacked_bars([("a", {}), ("b", {"x": 0})], ["x"], label="zeros"))
+    _svg_ok(charts.stacked_bars([("a", {"x": -3, "y": 2})], ["x", "y"], label="negative"))
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    _svg_ok(charts.timeline([], label="none"))
+    _svg_ok(charts.timeline([(when, "one", "dot-drift")], label="one"))
+    _svg_ok(charts.timeline([(when, "a", "dot-drift"), (when, "b", "dot-drift")], label="same"))

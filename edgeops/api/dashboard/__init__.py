@@ -12,10 +12,12 @@ Pages (every one needs an API token, any role; without one the browser is sent t
 
 Every page calls the services on :class:`edgeops.api.context.ApiContext`, as the API's routes
 do. ``POST /login`` takes an API token and keeps it in the ``edgeops_token`` cookie (HttpOnly,
-SameSite=Strict), which :func:`edgeops.api.auth.authenticate` also reads; failed logins count
+SameSite=Strict; Secure when the request came over https or the ``public_url`` setting is an
+https address), which :func:`edgeops.api.auth.authenticate` also reads; failed logins count
 against the same per-address limiter as the API's failed authentications. Every form POST
-must come from a page of this hub (its ``Origin``, else its ``Referer``, names this host):
-with the SameSite=Strict cookie, that refuses cross-site requests. The HTML is Jinja2 with
+must come from a page of this hub: its ``Origin``, else its ``Referer``, must be the
+``public_url`` setting's origin when that is set, else name the request's ``Host``. With the
+SameSite=Strict cookie, that refuses cross-site requests. The HTML is Jinja2 with
 autoescaping; the stylesheet and the few lines of JavaScript are files of this package,
 charts are inline SVG drawn by :mod:`edgeops.api.dashboard.charts`: nothing is fetched from
 another host.
@@ -138,6 +140,24 @@ def _render(
     )
 
 
+def _public_url(request: Request) -> str | None:
+    return _context(request).settings.public_url
+
+
+def _secure(request: Request) -> bool:
+    """Whether the session cookie is Secure: the request came over https, or the hub's
+    public address (behind a proxy that ends TLS) is an https one."""
+    return request.url.scheme == "https" or (_public_url(request) or "").startswith("https://")
+
+
+def _forget_token(request: Request, response: Response) -> Response:
+    """Clear the session cookie (same attributes as when it was set)."""
+    response.delete_cookie(
+        COOKIE, path="/", httponly=True, samesite="strict", secure=_secure(request)
+    )
+    return response
+
+
 def _login_redirect() -> RedirectResponse:
     return RedirectResponse("/login", status_code=303)
 
@@ -148,7 +168,7 @@ def _who(request: Request) -> Principal | Response:
     if COOKIE not in request.cookies and "authorization" not in request.headers:
         return _login_redirect()  # nobody tried: not a failed authentication
     try:
-        return authenticate(request)
+        return authenticate(request, cookie=True)
     except HTTPException as exc:
         if exc.status_code == 429:
             return _render(
@@ -159,18 +179,41 @@ def _who(request: Request) -> Principal | Response:
                 title="Too many attempts",
                 message=str(exc.detail),
             )
-        response = _login_redirect()
-        response.delete_cookie(COOKIE, path="/")
-        return response
+        return _forget_token(request, _login_redirect())
+
+
+def _origin(url: str) -> str | None:
+    """``scheme://host[:port]`` of an http(s) URL, lower case, without the scheme's default
+    port (as browsers write ``Origin``); None for anything else."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
 def _same_origin(request: Request) -> bool:
-    """True if the request's ``Origin`` (else ``Referer``) names the host it was sent to."""
-    host = request.headers.get("host")
+    """True if the request's ``Origin`` (else ``Referer``) is this hub: the origin of the
+    ``public_url`` setting when it is set (the hub behind a reverse proxy), else the host the
+    request names in its ``Host`` header."""
     source = request.headers.get("origin")
     if not source or source == "null":
         source = request.headers.get("referer")
-    if not host or not source:
+    if not source:
+        return False
+    public = _public_url(request)
+    if public is not None:
+        return _origin(source) == public
+    host = request.headers.get("host")
+    if not host:
         return False
     return urllib.parse.urlsplit(source).netloc.lower() == host.lower()
 
@@ -245,7 +288,7 @@ async def login(request: Request) -> Response:
         httponly=True,
         samesite="strict",
         path="/",
-        secure=request.url.scheme == "https",
+        secure=_secure(request),
     )
     return response
 
@@ -254,9 +297,7 @@ async def login(request: Request) -> Response:
 def logout(request: Request) -> Response:
     if not _same_origin(request):
         return _forbidden(request, None, "Log out from this hub's own pages.")
-    response = _login_redirect()
-    response.delete_cookie(COOKIE, path="/")
-    return response
+    return _forget_token(request, _login_redirect())
 
 
 # -- the fleet -----------------------------------------------------------------------------------
@@ -366,8 +407,20 @@ def _rollout_values(request: Request, rollout_id: str) -> dict[str, Any]:
     return {"r": status, "progress": _progress(status), "active": status["status"] in ACTIVE}
 
 
+DONE: dict[str, str] = {
+    "paused": "Paused: no further device is updated until the rollout is resumed.",
+    "resumed": "Resumed: the rollout continues with its current wave.",
+    "aborted": "Aborted: every device the rollout reached gets its previous release back.",
+    "pause-refused": "Not paused: the rollout is not running.",
+    "resume-refused": "Not resumed: the rollout is not paused.",
+    "abort-refused": "Not aborted: the rollout has already ended.",
+}
+"""what ``/rollouts/{id}?done=CODE`` shows after an action; the page shows no other text from
+its address, and nothing for an unknown code"""
+
+
 @router.get("/rollouts/{rollout_id}")
-def rollout(request: Request, rollout_id: str, notice: str | None = None) -> Response:
+def rollout(request: Request, rollout_id: str, done: str | None = None) -> Response:
     """One rollout: waves, gates, progress, and the operator's buttons."""
     who = _who(request)
     if isinstance(who, Response):
@@ -376,15 +429,19 @@ def rollout(request: Request, rollout_id: str, notice: str | None = None) -> Res
         values = _rollout_values(request, rollout_id)
     except NotFoundError as exc:
         return _not_found(request, who, str(exc))
-    return _render(request, "rollout.html", who, notice=notice, **values)
+    return _render(request, "rollout.html", who, notice=DONE.get(done or ""), **values)
 
 
 @router.get("/rollouts/{rollout_id}/live")
 def rollout_live(request: Request, rollout_id: str) -> Response:
-    """The live part of the rollout page (status, progress, waves, buttons), as HTML."""
+    """The live part of the rollout page (status, progress, waves, buttons), as HTML.
+    Without a valid token: 401, and the session cookie is cleared, so that a page still
+    polling counts one failed authentication, not one per poll; 429 while limited."""
     who = _who(request)
     if isinstance(who, Response):
-        return Response("log in again", status_code=401)
+        if who.status_code == 429:
+            return Response("too many failed authentications", status_code=429)
+        return _forget_token(request, Response("log in again", status_code=401))
     try:
         values = _rollout_values(request, rollout_id)
     except NotFoundError as exc:
@@ -409,22 +466,21 @@ def rollout_action(request: Request, rollout_id: str, action: str) -> Response:
             request, who, f"{action.capitalize()} needs the operator role; you are {who.role}."
         )
     engine = _context(request).rollouts
-    notice: str | None = None
     try:
         if action == "pause":
             engine.pause(rollout_id)
+            done = "paused"
         elif action == "resume":
             engine.resume(rollout_id)
+            done = "resumed"
         else:
-            rolled_back = engine.abort(rollout_id, f"aborted by {who.name} from the dashboard")
-            notice = f"Aborted: {rolled_back} device(s) get their previous release back."
+            engine.abort(rollout_id, f"aborted by {who.name} from the dashboard")
+            done = "aborted"
     except NotFoundError as exc:
         return _not_found(request, who, str(exc))
-    except RolloutError as exc:
-        notice = str(exc)
-    target = f"/rollouts/{urllib.parse.quote(rollout_id, safe='')}"
-    if notice:
-        target += "?" + urllib.parse.urlencode({"notice": notice})
+    except RolloutError:
+        done = f"{action}-refused"
+    target = f"/rollouts/{urllib.parse.quote(rollout_id, safe='')}?done={done}"
     return RedirectResponse(target, status_code=303)
 
 

@@ -7,9 +7,10 @@ comes from data (labels, names) is escaped. Colours come from the stylesheet's c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from markupsafe import Markup, escape
 
@@ -31,6 +32,35 @@ def _svg(width: int, height: int, body: list[str], label: str) -> Markup:
     )
 
 
+LARGEST = 1e15
+"""numbers beyond ±this are left out of charts (no size, accuracy or count is that large)"""
+
+
+def _number(value: object) -> TypeGuard[int | float]:
+    """A finite int or float (not a bool) within ±:data:`LARGEST`."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) <= LARGEST
+    )
+
+
+def _span(lo: float, hi: float, least: float) -> tuple[float, float]:
+    """The axis range for data from ``lo`` to ``hi``: a tenth of the width added on each
+    side, never empty. Equal ends are first spread by a tenth of their size, at least
+    ``least``, so a single point sits in the middle; a range too wide to compute falls back
+    to 0 .. 1."""
+    if hi <= lo:
+        spread = max(abs(lo) * 0.1, least)
+        lo, hi = lo - spread, hi + spread
+    width = hi - lo
+    lo, hi = lo - width * 0.1, hi + width * 0.1
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi - lo > 0):
+        return 0.0, 1.0
+    return lo, hi
+
+
 def _kib(value: float) -> str:
     return f"{value / 1024:.1f} KiB" if value < 1024 * 1024 else f"{value / 1024**2:.2f} MiB"
 
@@ -39,12 +69,7 @@ def pareto_plot(points: Sequence[Mapping[str, Any]], *, label: str = "Pareto fro
     """Accuracy (y) against flash size (x) of compression candidates; each dot's area follows
     its RAM figure (``ram_bytes``; unknown RAM: a hollow square). ``points`` are
     :meth:`edgeops.compress.search.Candidate.to_dict` documents; fitting ones are filled."""
-    usable = [
-        p
-        for p in points
-        if isinstance(p.get("flash_bytes"), int | float)
-        and isinstance(p.get("accuracy"), int | float)
-    ]
+    usable = [p for p in points if _number(p.get("flash_bytes")) and _number(p.get("accuracy"))]
     width, height, left, right, top, bottom = 580, 320, 64, 44, 16, 48
     body: list[str] = []
     if not usable:
@@ -53,15 +78,9 @@ def pareto_plot(points: Sequence[Mapping[str, Any]], *, label: str = "Pareto fro
         return _svg(width, height, body, label)
     xs = [float(p["flash_bytes"]) for p in usable]
     ys = [float(p["accuracy"]) for p in usable]
-    rams = [float(p["ram_bytes"]) for p in usable if isinstance(p.get("ram_bytes"), int | float)]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    if x1 == x0:
-        x0, x1 = x0 * 0.9, x1 * 1.1 + 1
-    if y1 == y0:
-        y0, y1 = y0 - 0.05, y1 + 0.05
-    pad_x, pad_y = (x1 - x0) * 0.08, (y1 - y0) * 0.1
-    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+    rams = [max(0.0, float(p["ram_bytes"])) for p in usable if _number(p.get("ram_bytes"))]
+    x0, x1 = _span(min(xs), max(xs), 1.0)
+    y0, y1 = _span(min(ys), max(ys), 0.05)
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def sx(v: float) -> float:
@@ -86,7 +105,7 @@ def pareto_plot(points: Sequence[Mapping[str, Any]], *, label: str = "Pareto fro
         f'<text x="14" y="{top + plot_h / 2}" class="axis-title" text-anchor="middle" '
         f'transform="rotate(-90 14 {top + plot_h / 2})">accuracy</text>'
     )
-    ram_max = max(rams) if rams else 1.0
+    ram_max = max(rams, default=0.0) or 1.0  # every RAM figure 0: the smallest dots
     ordered = sorted(usable, key=lambda p: float(p["flash_bytes"]))
     front = [(sx(float(p["flash_bytes"])), sy(float(p["accuracy"]))) for p in ordered]
     body.append(
@@ -108,11 +127,11 @@ def pareto_plot(points: Sequence[Mapping[str, Any]], *, label: str = "Pareto fro
         )
         tip = (
             f"{what}: accuracy {float(p['accuracy']):.4f}, flash {_kib(float(p['flash_bytes']))}, "
-            f"RAM {_kib(float(ram)) if isinstance(ram, int | float) else 'unknown'}"
+            f"RAM {_kib(float(ram)) if _number(ram) else 'unknown'}"
         )
         klass = "dot-fit" if p.get("fits") else "dot-misfit"
-        if isinstance(ram, int | float):
-            r = 4 + 10 * (float(ram) / ram_max) ** 0.5
+        if _number(ram):
+            r = 4 + 10 * (max(0.0, float(ram)) / ram_max) ** 0.5
             body.append(
                 f'<circle cx="{_f(cx)}" cy="{_f(cy)}" r="{_f(r)}" class="{klass}">'
                 f"<title>{escape(tip)}</title></circle>"
@@ -135,15 +154,17 @@ def histogram_pair(
 ) -> Markup:
     """Reference and live bin proportions side by side in each bin (counts normalised to
     sum 1, so windows of any size compare with the reference)."""
-    bins = max(len(reference), len(live or []))
+    ref_c = [max(0.0, float(c)) if _number(c) else 0.0 for c in reference]
+    live_c = None if live is None else [max(0.0, float(c)) if _number(c) else 0.0 for c in live]
+    bins = max(len(ref_c), len(live_c or []))
     body: list[str] = []
-    ref_total = float(sum(reference)) or 1.0
-    live_total = float(sum(live or [])) or 1.0
-    ref_p = [float(c) / ref_total for c in reference] + [0.0] * (bins - len(reference))
+    ref_total = sum(ref_c) or 1.0  # no count at all: every bar 0
+    live_total = sum(live_c or []) or 1.0
+    ref_p = [c / ref_total for c in ref_c] + [0.0] * (bins - len(ref_c))
     live_p = (
-        None if live is None else [float(c) / live_total for c in live] + [0.0] * (bins - len(live))
+        None if live_c is None else [c / live_total for c in live_c] + [0.0] * (bins - len(live_c))
     )
-    top = max(ref_p + (live_p or []) + [1e-9])
+    top = max([*ref_p, *(live_p or []), 1e-9])
     base = height - 4
     body.append(f'<line x1="0" y1="{base}" x2="{width}" y2="{base}" class="baseline"/>')
     if bins:
@@ -174,7 +195,7 @@ def stacked_bars(
     width, row_h, left = 560, 26, 150
     height = max(1, len(rows)) * row_h + 8
     body: list[str] = []
-    most = max((sum(counts.values()) for _, counts in rows), default=0) or 1
+    most = max((sum(max(0, c) for c in counts.values()) for _, counts in rows), default=0) or 1
     for r, (name, counts) in enumerate(rows):
         y = 4 + r * row_h
         body.append(
@@ -184,7 +205,7 @@ def stacked_bars(
         x = float(left)
         for i, key in enumerate(series):
             count = counts.get(key, 0)
-            if not count:
+            if count <= 0:
                 continue
             w = count / most * (width - left - 10)
             body.append(
