@@ -460,6 +460,33 @@ def test_pause_resume_and_abort(setup: Any) -> None:
     assert engine.tick() == 0
 
 
+def test_an_abort_interrupted_half_way_is_finished_by_aborting_again(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, _, recorder, _ = setup(6)
+    rollout_id = engine.create(make_spec(), custom=contract())
+    engine.tick()
+    canary = sorted(d for d, _ in recorder.published)
+    assert len(canary) == 2
+
+    def hub_stops(ids: list[str], previous: object) -> None:
+        raise RuntimeError("the hub stopped")
+
+    monkeypatch.setattr(engine, "_set_release", hub_stops)
+    with pytest.raises(RuntimeError, match="hub stopped"):
+        engine.abort(rollout_id, "bad canary")
+    status = engine.status(rollout_id)
+    assert status["status"] == "aborted" and status["counts"]["targeted"] == 2
+    monkeypatch.undo()
+    assert engine.abort(rollout_id) == 2  # finishes the roll-back
+    status = engine.status(rollout_id)
+    assert status["counts"]["rolled_back"] == 2 and status["reason"] == "bad canary"
+    for device_id in canary:
+        assert recorder.last(device_id) == OLD_TARGET
+    with pytest.raises(RolloutError, match="nothing to abort"):
+        engine.abort(rollout_id)
+
+
 def test_tick_is_idempotent(setup: Any) -> None:
     engine, _, recorder, _ = setup(6)
     rollout_id = engine.create(make_spec(), custom=contract())

@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 ACTIVE = ("running", "paused")
 FINISHED_DEVICE = ("succeeded", "failed", "timed_out")
+ROLLED_BACK_FROM = ("targeted", *FINISHED_DEVICE)
+"""the devices an abort sets back: those that were sent the release"""
 CONTRACT_KINDS = ("hardware", "runtime", "memory", "agent_version", "malformed")
 _CHUNK = 500
 
@@ -405,8 +407,13 @@ class RolloutEngine:
 
     def abort(self, rollout_id: str, reason: str = "aborted by the operator") -> int:
         """Abort a running, paused or failed rollout: every device it targeted gets its
-        previous desired release back. Returns how many devices were rolled back."""
-        record, _ = self._load(rollout_id)
+        previous desired release back. Returns how many devices were rolled back. Aborting
+        an aborted rollout again finishes a roll-back that was interrupted (0 devices left:
+        RolloutError)."""
+        record, devices = self._load(rollout_id)
+        if record.status == "aborted" and any(d.status in ROLLED_BACK_FROM for d in devices):
+            # an abort that stopped half way (the hub stopped between its steps): finish it
+            return self._roll_back(rollout_id, self.clock())
         if record.status not in (*ACTIVE, "failed"):
             raise RolloutError(f"rollout {rollout_id} is {record.status}; nothing to abort")
         return self._abort(rollout_id, reason, from_statuses=(*ACTIVE, "failed"))
@@ -699,8 +706,8 @@ class RolloutEngine:
             )
 
     def _abort(self, rollout_id: str, reason: str, *, from_statuses: Sequence[str]) -> int:
-        """Mark the rollout aborted (one transaction), then give every device it targeted its
-        previous desired release back and mark those rolled back."""
+        """Mark the rollout aborted (one transaction), then roll its devices back
+        (:meth:`_roll_back`)."""
         now = self.clock()
         with self.database.session() as session:
             changed = session.exec(
@@ -716,8 +723,14 @@ class RolloutEngine:
         if changed is None:
             raise RolloutError(f"rollout {rollout_id} is no longer {' or '.join(from_statuses)}")
         log.warning("rollout %s aborted: %s", rollout_id, reason)
+        return self._roll_back(rollout_id, now)
+
+    def _roll_back(self, rollout_id: str, now: datetime) -> int:
+        """Give every device of an aborted rollout not rolled back yet its previous desired
+        release back (committed per release), then mark those rolled back (one transaction).
+        Repeating it after an interruption touches only the devices left."""
         _, devices = self._load(rollout_id)
-        touched = [d for d in devices if d.status in ("targeted", *FINISHED_DEVICE)]
+        touched = [d for d in devices if d.status in ROLLED_BACK_FROM]
         groups: dict[str, tuple[dict[str, Any] | None, list[str]]] = {}
         for device in touched:
             key = repr(sorted((device.previous_release or {}).items()))
