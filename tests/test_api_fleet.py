@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
-from device_agent.protocol import Event, Presence, StateReport
+from device_agent.protocol import Event, Presence
 from device_agent.telemetry import TelemetryWindow
 from edgeops.api import create_app
 from edgeops.api.context import ApiContext
@@ -26,7 +26,7 @@ from edgeops.db import Database
 from edgeops.monitor.watch import DriftService, ReleaseInfo
 from edgeops.rollout.models import RolloutRecord
 from edgeops.trust.errors import MetadataError
-from tests.test_rollout_engine import GIB, OLD_TARGET, RELEASE, contract, make_spec
+from tests.fixtures.rollouts import OLD_TARGET, RELEASE, contract, make_spec, old_state
 
 SPEC: dict[str, Any] = {
     "name": "digits-2",
@@ -57,20 +57,7 @@ class Hub:
         """A device as the bridge records it: a state report (running the old release)
         and a presence."""
         fleet = self.context.fleet
-        fleet.record_state(
-            StateReport(
-                device_id=device_id,
-                agent_version="0.1.0",
-                hardware={"arch": "aarch64"},
-                slots={
-                    "active": "a",
-                    "a": {"target": OLD_TARGET, "model_id": "m-old"},
-                    "champion": {"model_id": "m-old", "runtime": "litert"},
-                },
-                free_memory_bytes=GIB,
-                ts=ts,
-            )
-        )
+        fleet.record_state(old_state(device_id, ts=ts))
         fleet.record_presence(Presence(device_id=device_id, online=online, ts=ts))
 
     def rollout_rows(self) -> int:

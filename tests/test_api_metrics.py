@@ -25,8 +25,9 @@ from edgeops.db import Database
 from edgeops.db.types import utcnow
 from edgeops.monitor.models import DriftEvaluationRecord
 from tests.fixtures.clock import Clock
+from tests.fixtures.rollouts import contract, make_spec
 from tests.fixtures.telemetry import window
-from tests.test_rollout_engine import Fleet, contract, make_spec
+from tests.test_rollout_engine import Fleet
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -11,7 +11,6 @@ installs it).
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import socket
 import threading
@@ -26,19 +25,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_agent.card import ModelCard
 from device_agent.protocol import Presence, StateReport
 from device_agent.sketch import ReferenceStats
 from device_agent.telemetry import TelemetryWindow
 from edgeops.api.context import ApiContext
 from edgeops.monitor.watch import ReleaseInfo
 from tests.fixtures.models import ModelFactory
+from tests.fixtures.rollouts import GIB, OLD_TARGET, contract, make_spec, old_state
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
-RELEASE = "digits/2/litert/model.tflite"
-OLD_TARGET = "digits/1/litert/model.tflite"
-GIB = 1024**3
 FIELD_MODEL = "m-field"
 FEATURES = 3
 CLASSES = 4
@@ -52,43 +48,8 @@ LAUNCH_ARGS = [
 ]
 
 
-def _contract() -> dict[str, Any]:
-    from edgeops.trust import build_custom
-
-    card = ModelCard(
-        model_id="m-new",
-        version="2",
-        name="digits",
-        task="classification",
-        runtime="litert",
-        quantization={"mode": "none"},  # type: ignore[arg-type]
-        input_spec={"name": "in", "shape": [1, 64], "dtype": "float32"},  # type: ignore[arg-type]
-        output_spec={"name": "out", "shape": [1, 10], "dtype": "float32"},  # type: ignore[arg-type]
-        arena_bytes=4096,
-        min_agent_version="0.1.0",
-        reference={"feature_edges": [], "feature_counts": [], "class_counts": [100] * 10},
-    )
-    return build_custom(card, "litert", {"arch": ["x86_64", "aarch64"]}, 64 * 1024**2)
-
-
 def _spec() -> Any:
-    from edgeops.rollout import parse_spec
-
-    document = {
-        "name": "digits-2",
-        "release": RELEASE,
-        "waves": {
-            "canary": {"count": 2},
-            "exponential": {
-                "base_rate_per_minute": 2,
-                "increment_factor": 2.0,
-                "max_rate_per_minute": 8,
-            },
-        },
-        "device_timeout_seconds": 120,
-        "gates": {"soak_seconds": 0},
-    }
-    return parse_spec(json.dumps(document), "json")
+    return make_spec()
 
 
 @dataclass
@@ -107,20 +68,8 @@ def _seed_devices(context: ApiContext) -> None:
     for i in range(6):
         device_id = f"dev-{i:02d}"
         site = "lab" if i < 3 else "field"
-        fleet.record_state(
-            StateReport(
-                device_id=device_id,
-                agent_version="0.1.0",
-                hardware={"arch": "aarch64", "site": site},
-                slots={
-                    "active": "a",
-                    "a": {"target": OLD_TARGET, "model_id": "m-old"},
-                    "champion": {"model_id": "m-old", "runtime": "litert"},
-                },
-                free_memory_bytes=GIB,
-                ts=1_700_000_000.0,
-            )
-        )
+        hardware = {"arch": "aarch64", "site": site}
+        fleet.record_state(old_state(device_id, ts=1_700_000_000.0, hardware=hardware))
         fleet.record_presence(Presence(device_id, online=i not in (4, 5), ts=1_700_000_001.0))
 
 
@@ -213,7 +162,7 @@ def hub(
     database.upgrade()
     context = ApiContext(Settings(data_dir=data_dir), database)
     _seed_devices(context)
-    rollout_id = RolloutEngine(database, None).create(_spec(), custom=_contract())
+    rollout_id = RolloutEngine(database, None).create(_spec(), custom=contract())
     models = context.registry.list_models()
     keras = next(m for m in models if m.format == "keras")
     int8 = next(m for m in models if m.parent_id == keras.id and m.name.endswith("-int8"))
@@ -617,7 +566,7 @@ def test_what_the_pages_show_is_escaped_and_served_from_this_hub(plain: Plain) -
             free_memory_bytes=GIB,
         )
     )
-    rollout_id = RolloutEngine(plain.context.database, None).create(_spec(), custom=_contract())
+    rollout_id = RolloutEngine(plain.context.database, None).create(_spec(), custom=contract())
     _login(plain, plain.viewer)
     answer = plain.client.get("/")
     assert "default-src 'self'" in answer.headers["content-security-policy"]
@@ -665,7 +614,7 @@ def test_the_rollout_page_shows_only_fixed_sentences_from_its_address(plain: Pla
     from edgeops.rollout.engine import RolloutEngine
 
     _one_device(plain.context)
-    rollout_id = RolloutEngine(plain.context.database, None).create(_spec(), custom=_contract())
+    rollout_id = RolloutEngine(plain.context.database, None).create(_spec(), custom=contract())
     _login(plain, plain.operator)
     answer = plain.client.post(f"/rollouts/{rollout_id}/pause", headers=ORIGIN)
     assert answer.headers["location"] == f"/rollouts/{rollout_id}?done=paused"
@@ -730,7 +679,7 @@ def test_behind_a_proxy_forms_must_come_from_the_public_url(tmp_path: Path) -> N
         assert answer.status_code == 403
         # a rollout action and logging out from the public address work
         _one_device(hub.context)
-        rollout_id = RolloutEngine(hub.context.database, None).create(_spec(), custom=_contract())
+        rollout_id = RolloutEngine(hub.context.database, None).create(_spec(), custom=contract())
         bearer = {"Authorization": f"Bearer {hub.operator}"}
         answer = hub.client.post(
             f"/rollouts/{rollout_id}/pause", headers={**PROXIED, **bearer, "Origin": PUBLIC}
@@ -777,7 +726,7 @@ def test_live_polls_with_a_revoked_token_clear_the_cookie_and_are_not_rate_limit
     from edgeops.rollout.engine import RolloutEngine
 
     _one_device(plain.context)
-    rollout_id = RolloutEngine(plain.context.database, None).create(_spec(), custom=_contract())
+    rollout_id = RolloutEngine(plain.context.database, None).create(_spec(), custom=contract())
     view, token = plain.context.tokens.create("short-lived", "viewer")
     _login(plain, token)
     assert plain.client.get(f"/rollouts/{rollout_id}/live").status_code == 200

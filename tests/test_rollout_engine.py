@@ -13,65 +13,19 @@ from typing import Any
 
 import pytest
 
-from device_agent.card import ModelCard
 from device_agent.protocol import Event, StateReport
 from device_agent.telemetry import TelemetryWindow
 from edgeops.db import Database
 from edgeops.errors import NotFoundError
 from edgeops.fleet import DeviceView, FleetService
 from edgeops.monitor import TelemetryService
-from edgeops.rollout import RolloutSpec, RolloutSpecError, dump_spec, parse_spec
+from edgeops.rollout import RolloutSpec, RolloutSpecError, dump_spec
 from edgeops.rollout.engine import RolloutEngine, RolloutError
 from edgeops.rollout.gates import js_divergence, psi
-from edgeops.trust import build_custom
 from tests.clitools import run_cli
 from tests.fixtures.clock import Clock
+from tests.fixtures.rollouts import OLD_TARGET, RELEASE, contract, make_spec, old_state
 from tests.test_rollout_plan import hub_data_dir  # noqa: F401  (a fixture)
-
-RELEASE = "digits/2/litert/model.tflite"
-OLD_TARGET = "digits/1/litert/model.tflite"
-REFERENCE = [100, 100, 100, 100, 100, 100, 100, 100, 100, 100]
-GIB = 1024**3
-
-
-def contract() -> dict[str, Any]:
-    card = ModelCard(
-        model_id="m-new",
-        version="2",
-        name="digits",
-        task="classification",
-        runtime="litert",
-        quantization={"mode": "none"},  # type: ignore[arg-type]
-        input_spec={"name": "in", "shape": [1, 64], "dtype": "float32"},  # type: ignore[arg-type]
-        output_spec={"name": "out", "shape": [1, 10], "dtype": "float32"},  # type: ignore[arg-type]
-        arena_bytes=4096,
-        min_agent_version="0.1.0",
-        reference={"feature_edges": [], "feature_counts": [], "class_counts": REFERENCE},
-    )
-    return build_custom(card, "litert", {"arch": ["x86_64", "aarch64"]}, 64 * 1024**2)
-
-
-def make_spec(**changes: Any) -> RolloutSpec:
-    document: dict[str, Any] = {
-        "name": "digits-2",
-        "release": RELEASE,
-        "waves": {
-            "canary": {"count": 2},
-            "exponential": {
-                "base_rate_per_minute": 2,
-                "increment_factor": 2.0,
-                "max_rate_per_minute": 8,
-            },
-        },
-        "device_timeout_seconds": 120,
-        "gates": {"soak_seconds": 0},
-    }
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(document.get(key), dict):
-            document[key] = {**document[key], **value}
-        else:
-            document[key] = value
-    return parse_spec(json.dumps(document), "json")
 
 
 @dataclass
@@ -113,20 +67,7 @@ class Fleet:
         self.window_seq: dict[str, int] = {}
         self.ids = [f"dev-{i:03d}" for i in range(count)]
         for device_id in self.ids:
-            self.fleet.record_state(
-                StateReport(
-                    device_id=device_id,
-                    agent_version="0.1.0",
-                    hardware={"arch": "aarch64"},
-                    slots={
-                        "active": "a",
-                        "a": {"target": OLD_TARGET, "model_id": "m-old"},
-                        "champion": {"model_id": "m-old", "runtime": "litert"},
-                    },
-                    free_memory_bytes=GIB,
-                    ts=1_700_000_000.0,
-                )
-            )
+            self.fleet.record_state(old_state(device_id, ts=1_700_000_000.0))
             # the previous release's telemetry: p95 10 ms
             self.window(device_id, "m-old", good_window() | {"latency_ms": {"p95": 10.0}})
 
