@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test services lint typecheck pytest bench clean
+.PHONY: help install demo test services lint typecheck pytest coverage bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ pytest: install services
 # bytecode is cached for the test run even where PYTHONDONTWRITEBYTECODE=1 (container
 # images often set it): without it every process compiles TensorFlow again (~11 s instead of
 # ~4.5 s), and the tests start hundreds of CLI and agent processes. The cache lives in the venv.
+	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache \
+		$(BIN)/pytest --durations=15 $(PYTEST_ARGS)
+
+# coverage traces every process the tests start (the CLI, agents, workers: patch =
+# subprocess in pyproject.toml), which makes the run about 1.5 times as long: not in `make test`
+coverage: install services  ## the test suite with line coverage of every process it starts
 	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache \
 		$(BIN)/pytest --cov --cov-report=term --durations=15 $(PYTEST_ARGS)
 
