@@ -53,7 +53,6 @@ import io
 import json
 import os
 import pstats
-import secrets
 import socket
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from _postgres import postgres_database
 from _results import run_meta, targets_table, write_and_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,32 +78,11 @@ IDLE_S = 4.0
 """a keep-alive connection idle for longer is not reused (uvicorn closes them after 5 s)"""
 DRAIN_S = 15.0
 """how long requests still in flight at the end of a phase are waited for"""
-ADMIN_URL = os.environ.get(
-    "EDGEOPS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 ARCHES = ["x86_64", "aarch64", "armv7l"]
 TTY = sys.stdout.isatty()
 
 
 # -- the hub's database ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A scratch database on the local PostgreSQL, dropped afterwards; its SQLAlchemy URL."""
-    import psycopg
-    from psycopg import sql
-
-    name = f"edgeops_bench_api_{secrets.token_hex(4)}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            base, _, _ = ADMIN_URL.rpartition("/")
-            yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-        finally:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def populate(url: str, devices: int) -> str:
@@ -666,7 +645,7 @@ def main() -> None:
         if args.db == "sqlite":
             document = run(args, f"sqlite:///{data_dir / 'edgeops.db'}", data_dir)
         else:
-            with postgres_database() as url:
+            with postgres_database("edgeops_bench_api_") as url:
                 document = run(args, url, data_dir)
     write_and_report(args.out, "api", document, markdown(document, args))
 

@@ -38,10 +38,9 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
-import psycopg
+from _postgres import postgres_database
 from _results import run_meta, write_and_report
 from paho.mqtt.enums import CallbackAPIVersion
-from psycopg import sql
 
 from device_agent.protocol import Channel, device_topic, encode, subscription
 from device_agent.sketch import ReferenceStats
@@ -53,9 +52,6 @@ from edgeops.trust import TrustRepository
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
-ADMIN_URL = os.environ.get(
-    "EDGEOPS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 MODEL_ID = "m-bench"
 
 
@@ -160,20 +156,6 @@ def ceiling(port: int, messages: list[tuple[str, bytes]]) -> dict[str, Any]:
 
 
 # -- (b) the ingest command --------------------------------------------------------------------
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    name = f"edgeops_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            base, _, _ = ADMIN_URL.rpartition("/")
-            yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-        finally:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def ingest(
@@ -301,7 +283,7 @@ def main() -> None:
                     url = f"sqlite:///{data_dir / 'edgeops.db'}"
                     rows.append(ingest(port, url, workers, data_dir, messages, label))
                 else:
-                    with postgres_database() as url:
+                    with postgres_database("edgeops_bench_") as url:
                         rows.append(ingest(port, url, workers, data_dir, messages, label))
             print(rows[-1], flush=True)
     raw = rows[0]["per_second"]
