@@ -26,6 +26,7 @@ from edgeops.rollout import (
     release_contract,
     schedule,
 )
+from edgeops.rollout.plan import facts_of
 from edgeops.trust import TrustRepository, build_custom
 from tests.clitools import assert_one_line_error, run_cli
 
@@ -409,6 +410,15 @@ def test_runtimes_reported_in_state_are_used() -> None:
     assert [device.device_id for device in plan.compatible] == ["both"]
     assert plan.compatible[0].notes == ()
     assert plan.excluded[0].device_id == "onnx-only" and plan.excluded[0].kind == "runtime"
+
+
+def test_a_gateway_reports_the_firmware_runtime() -> None:
+    # a gateway (an agent with an attached microcontroller) takes generated firmware
+    gateway = Row("gateway", reported={"runtimes": ["firmware", "litert"]})
+    facts, note = facts_of(gateway, "mcu")
+    assert facts.runtimes == {"firmware", "litert"} and note == ""
+    plain = Row("plain", reported={"runtimes": ["litert"]})
+    assert facts_of(plain, "mcu")[0].runtimes == {"litert"}
 
 
 # -- a real database and release repository ---------------------------------------------------

@@ -66,7 +66,8 @@ _LOADED_RUNTIME = {
     "serial": "mcu",
     "mcu": "mcu",
 }
-_TARGET_RUNTIMES = frozenset({"litert", "onnx", "mcu"})
+# "firmware": a gateway that flashes generated firmware onto an attached microcontroller
+_TARGET_RUNTIMES = frozenset({"litert", "onnx", "mcu", "firmware"})
 
 
 class PlannedDevice(Protocol):
