@@ -28,6 +28,7 @@ from edgeops.firmware.cortexm import (
     INSTRUCTIONS_PER_TICK,
     Footprint,
     build_firmware,
+    build_id,
     measure,
     measure_footprint,
     run_qemu,
@@ -352,3 +353,24 @@ def test_bad_arguments_are_one_line_errors(
     monkeypatch.setattr(cortexm, "missing_tools", lambda: ("qemu-system-arm",))
     with pytest.raises(ToolchainMissingError, match="apt-get install gcc-arm-none-eabi"):
         run_qemu(tmp_path / "x.elf", conv["inputs"], 7, "mps2-an385")
+
+
+def test_serial_harness_builds_with_a_build_id_of_its_sources(
+    conv: dict[str, Any], tmp_path: Path
+) -> None:
+    """The serial harness (tests/test_hil_mcu_boards.py runs it) builds warning-free for
+    both targets; its build id, compiled in, depends on the library and the target."""
+    library_dir = conv["root"] / "lib"
+    ids = {}
+    for target in QEMU_TARGETS:
+        elf = build_firmware(library_dir, tmp_path / target, target, harness="serial")
+        ids[target] = build_id(library_dir, target)
+        assert len(ids[target]) == 16 and int(ids[target], 16) >= 0
+        assert f'"build_id":"{ids[target]}","target":"{target}"'.encode() in elf.read_bytes()
+    assert ids["mps2-an385"] != ids["mps2-an386"]
+    assert build_id(library_dir, "mps2-an385") == ids["mps2-an385"]
+    other = generate(small_tflite(), tmp_path / "small", target="mps2-an385")
+    assert other.input_size == 16
+    assert build_id(tmp_path / "small", "mps2-an385") != ids["mps2-an385"]
+    with pytest.raises(FirmwareError, match="unknown harness 'usb'; harnesses: semihosting"):
+        build_firmware(library_dir, tmp_path / "usb", "mps2-an385", harness="usb")

@@ -47,7 +47,7 @@ PROJECTS = {
         ["example/main/main.c"],
     ),
     "mps2-an385": (
-        ["Makefile", "main.c", "mps2.ld", "semihosting.h", "startup.c"],
+        ["Makefile", "main.c", "main_serial.c", "mps2.ld", "semihosting.h", "startup.c", "uart.h"],
         [],
     ),
 }
@@ -146,6 +146,19 @@ def test_bare_metal_makefile_builds_and_runs_under_qemu(tmp_path: Path) -> None:
     expected = tflm_run(small_tflite(), inputs).outputs.reshape(-1)
     np.testing.assert_array_equal(outputs, expected)
 
+    # `make serial`: the image that answers serial frames on UART0, run as a board
+    from hil.boards.qemu import QemuBoard
+
+    serial = subprocess.run(
+        ["make", "serial"], cwd=out, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert serial.returncode == 0, serial.stderr
+    with QemuBoard("m4", tmp_path / "board", target="mps2-an386") as board:
+        board.deploy(out / "edgeops_firmware_serial.elf")
+        answers = [board.infer(sample).values for sample in inputs.reshape(8, -1)]
+        assert board.read_metrics()["target"] == "mps2-an386"
+    np.testing.assert_array_equal(np.concatenate(answers), expected)
+
 
 def test_cli_writes_a_bare_metal_project(tmp_path: Path) -> None:
     model = tmp_path / "model.tflite"
@@ -155,7 +168,8 @@ def test_cli_writes_a_bare_metal_project(tmp_path: Path) -> None:
         "--out", str(tmp_path / "m3"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "project files: Makefile, main.c, mps2.ld, semihosting.h, startup.c" in result.stdout
+    files = "Makefile, main.c, main_serial.c, mps2.ld, semihosting.h, startup.c, uart.h"
+    assert f"project files: {files}" in result.stdout
     assert "Cortex-M3" in result.stdout
     assert (tmp_path / "m3" / "startup.c").is_file()
     result = run_cli(

@@ -24,6 +24,7 @@ import pytest
 from device_agent.card import ModelCard
 from device_agent.updater.contract import DeviceFacts, check_contract
 from device_agent.updater.errors import ContractError
+from edgeops.firmware.cortexm import build_id
 from edgeops.trust import ReleaseError, card_of
 from edgeops.trust.release import build_firmware_release, firmware_archive, target_path
 from tests.clitools import assert_one_line_error, run_cli
@@ -104,7 +105,16 @@ def test_firmware_release_is_a_verified_target_with_its_footprint(
     assert 0 < firmware.arena_bytes <= firmware.tflm_arena_bytes
     assert card.lineage["artifact_sha256"] == released["sha256"]
     assert released["firmware"] == firmware.to_dict()
-    assert _read(archive, prefix + "firmware.elf")[:4] == b"\x7fELF"
+    elf = _read(archive, prefix + "firmware.elf")
+    assert elf[:4] == b"\x7fELF"
+    # the shipped image is the serial harness's, built from the archive's own library
+    library = tmp_path / "library"
+    library.mkdir()
+    for name in LIBRARY:
+        (library / name).write_bytes(_read(archive, prefix + name))
+    identity = build_id(library, "mps2-an385")
+    assert b'{"harness":"edgeops-serial","build_id":"' + identity.encode() + b'"' in elf
+    assert b"edgeops_inputs.bin" not in elf  # not the semihosting harness
     assert firmware.flash_bytes and firmware.flash_bytes > 0
     assert card.flash_bytes == firmware.flash_bytes
     assert firmware.ram_bytes and firmware.ram_bytes >= firmware.arena_bytes

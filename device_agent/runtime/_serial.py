@@ -2,15 +2,17 @@
 
 The host does what every runtime does — check the sample, apply the feature rule, quantize
 with the card's input parameters — and sends the input tensor's bytes; the board runs the
-model (TFLite Micro) and sends back the output tensor's bytes and the cycles it took. The
-host dequantizes with the card's output parameters. The board's firmware (HIL issue) speaks
-this framing; tests use a fake board on a pseudo-terminal.
+model (the generated C library of :mod:`edgeops.firmware`, or TFLite Micro) and sends back
+the output tensor's bytes and the cycles it took. The host dequantizes with the card's output
+parameters. The EdgeOps serial harness (``firmware_templates/mps2/main_serial.c``) speaks
+this framing; tests use it under QEMU and a fake board on a pseudo-terminal.
 
 **Frames** (all integers little-endian)::
 
     offset  size  field
     0       2     magic  b"EO"
-    2       1     kind   b"Q" request (host -> board), b"R" result, b"E" error (board -> host)
+    2       1     kind   b"Q" request (host -> board); b"R" result, b"E" error, b"I" info
+                         (board -> host)
     3       2     seq    uint16, chosen by the host, echoed by the board
     5       4     n      uint32, payload length (at most MAX_PAYLOAD bytes)
     9       n     payload
@@ -18,30 +20,44 @@ this framing; tests use a fake board on a pseudo-terminal.
 
 Payloads: a request carries the input tensor exactly as stored (int8 bytes for a full-int8
 model, float32 for a float one); a result carries ``uint32 cycles`` followed by the output
-tensor as stored; an error carries a UTF-8 message.
+tensor as stored; an error carries a UTF-8 message. A request with an empty payload asks the
+board what it runs: it answers with an info frame whose payload is a UTF-8 JSON object (the
+EdgeOps serial harness, ``firmware_templates/mps2/main_serial.c``, reports ``build_id``,
+``target``, ``input_size``, ``output_size``, ``input_bytes``, ``output_bytes``,
+``arena_bytes``, ``float_input``, ``float_output`` and the ``requests`` and ``errors`` since
+boot); :func:`request_info` sends one.
 
 The host sends one request at a time and waits up to ``timeout_s`` for the result with the
 same ``seq``; results with another seq (late answers to timed-out requests) are skipped.
 Bytes before a magic are skipped (the board may print boot text); a bad CRC, an oversized
 length or a silent board raise :class:`SerialFrameError`, and the next request starts afresh.
+
+The port must be raw: a tty in its default (cooked) mode echoes the host's bytes and
+translates some of them (CR to LF, ^C to a signal, ...). :func:`open_port` opens a device
+path with pyserial, which sets raw mode, and without a read timeout of its own, as the
+runtime expects.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import math
 import select
 import struct
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from device_agent.runtime._base import TensorCodec, TensorRuntime
 from device_agent.runtime._bundle import ModelBundle
 from device_agent.runtime._errors import InferenceError, RuntimeLoadError, SerialFrameError
+
+if TYPE_CHECKING:
+    import serial
 
 __all__ = [
     "MAGIC",
@@ -51,7 +67,9 @@ __all__ = [
     "SerialPort",
     "SerialRuntime",
     "encode_frame",
+    "open_port",
     "read_frame",
+    "request_info",
 ]
 
 MAGIC = b"EO"
@@ -66,6 +84,7 @@ class FrameKind(enum.Enum):
     REQUEST = b"Q"
     RESULT = b"R"
     ERROR = b"E"
+    INFO = b"I"
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,51 @@ def read_frame(port: SerialPort, timeout_s: float) -> SerialFrame:
     if crc != zlib.crc32(header + payload):
         raise SerialFrameError(f"frame {seq} from the device fails its CRC check")
     return SerialFrame(kind, seq, payload)
+
+
+def open_port(path: str, *, baud: int = 115200) -> serial.Serial:
+    """``path`` (a serial device, a pseudo-terminal or a symlink to one) opened raw with
+    pyserial at ``baud``, reads returning what is there (the framing functions wait with
+    ``select`` and their own deadline), and exclusively: a second opener of the same port
+    gets SerialFrameError, as it does when the port cannot be opened."""
+    try:
+        import serial
+    except ImportError:  # pragma: no cover - pyserial ships with the agent extra
+        raise SerialFrameError("pyserial is not installed: pip install pyserial") from None
+    try:
+        return serial.Serial(path, baud, timeout=0, write_timeout=10.0, exclusive=True)
+    except (OSError, ValueError, serial.SerialException) as exc:
+        raise SerialFrameError(f"cannot open serial port {path}: {exc}") from None
+
+
+def request_info(port: SerialPort, timeout_s: float = 5.0, *, seq: int = 0xFF00) -> dict[str, Any]:
+    """Ask the board behind ``port`` what it runs (an empty request) and return its info
+    frame's JSON object. Frames with another seq are skipped; an error frame, a silent board
+    or a payload that is not a JSON object raise SerialFrameError."""
+    seq &= 0xFFFF
+    try:
+        _write_all(port, encode_frame(FrameKind.REQUEST, seq, b""))
+    except OSError as exc:
+        raise SerialFrameError(f"writing to the device failed: {exc}") from exc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        frame = read_frame(port, max(0.0, deadline - time.monotonic()))
+        if frame.seq == seq and frame.kind is not FrameKind.REQUEST:
+            break
+    if frame.kind is FrameKind.ERROR:
+        message = frame.payload.decode("utf-8", errors="replace")
+        raise SerialFrameError(f"the device answered the info request with an error: {message}")
+    if frame.kind is not FrameKind.INFO:
+        raise SerialFrameError(
+            f"the device answered the info request with a {frame.kind.name.lower()} frame"
+        )
+    try:
+        info = json.loads(frame.payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SerialFrameError("the device's info frame is not UTF-8 JSON") from None
+    if not isinstance(info, dict):
+        raise SerialFrameError("the device's info frame is not a JSON object")
+    return info
 
 
 class _Reader:

@@ -1,11 +1,21 @@
 """The generated library on Cortex-M: cross-built, sized, and run under QEMU.
 
-:func:`build_firmware` links a generated library with the bare-metal harness of
-``firmware_templates/mps2`` (start-up code, linker script, a ``main`` that reads input
-tensors from a host file through semihosting and writes the outputs back) using
+:func:`build_firmware` links a generated library with a bare-metal harness of
+``firmware_templates/mps2`` (start-up code, linker script and a ``main``) using
 arm-none-eabi-gcc, newlib-nano's ``memcpy``/``memset`` and the strict flags of
 :data:`edgeops.firmware.targets.C_FLAGS` plus the target's ``-mcpu``/``-mthumb`` and
-``-ffunction-sections -fdata-sections -Wl,--gc-sections``: a warning fails the build.
+``-ffunction-sections -fdata-sections -Wl,--gc-sections``: a warning fails the build. Two
+harnesses:
+
+- ``semihosting`` (``main.c``, the default): reads input tensors from a host file through
+  semihosting and writes the outputs back; :func:`run_qemu` and :func:`measure_footprint`
+  use it to measure;
+- ``serial`` (``main_serial.c``, ``uart.h``): answers the frames of
+  :mod:`device_agent.runtime._serial` on the board's UART 0, as a board of the rig or a
+  gateway's attached microcontroller does (``hil.boards.qemu`` runs it with the UART on a
+  pseudo-terminal). It is built with ``-DEDGEOPS_BUILD_ID`` (:func:`build_id`, a digest of
+  the library and harness sources and the target) and ``-DEDGEOPS_TARGET``, which its info
+  frame reports.
 
 :func:`measure_footprint` sizes the library's own share: the harness is linked twice with
 the same flags, once with the model and once with an empty model (the same header, an
@@ -23,6 +33,7 @@ instructions; the mean over the samples is the latency proxy, to within one tick
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import shutil
 import subprocess
@@ -37,11 +48,14 @@ from edgeops.firmware.errors import FirmwareError, ToolchainMissingError
 from edgeops.firmware.targets import C_FLAGS, Target, get_target
 
 __all__ = [
+    "HARNESSES",
     "HARNESS_FILES",
     "INSTRUCTIONS_PER_TICK",
+    "SERIAL_HARNESS_FILES",
     "Footprint",
     "QemuRun",
     "build_firmware",
+    "build_id",
     "measure",
     "measure_footprint",
     "missing_tools",
@@ -55,7 +69,13 @@ QEMU = "qemu-system-arm"
 APT_PACKAGES = "gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"
 
 HARNESS_FILES = ("startup.c", "main.c", "semihosting.h", "mps2.ld")
-"""The bare-metal harness, copied from ``firmware_templates/mps2`` into the build directory."""
+"""The semihosting harness, copied from ``firmware_templates/mps2`` into the build directory."""
+SERIAL_HARNESS_FILES = ("startup.c", "main_serial.c", "uart.h", "semihosting.h", "mps2.ld")
+"""The serial harness (``startup.c`` still ends the program through semihosting on a fault,
+which under QEMU with semihosting enabled exits it instead of locking up)."""
+HARNESSES = {"semihosting": HARNESS_FILES, "serial": SERIAL_HARNESS_FILES}
+"""Harness name to its files; every ``.c`` among them is compiled and linked."""
+BUILD_ID_CHARS = 16
 SECTION_FLAGS = ("-ffunction-sections", "-fdata-sections")
 LINK_FLAGS = ("-nostartfiles", "--specs=nano.specs", "-Wl,--gc-sections")
 ELF_NAME = "edgeops_firmware.elf"
@@ -181,14 +201,37 @@ def _cortex_m(target: str) -> Target:
     return chosen
 
 
-def _harness_sources() -> dict[str, str]:
+def _harness_sources(harness: str = "semihosting") -> dict[str, str]:
     from firmware_templates import template_root
 
     directory = template_root() / "mps2"
     try:
-        return {name: (directory / name).read_text(encoding="utf-8") for name in HARNESS_FILES}
+        return {name: (directory / name).read_text(encoding="utf-8") for name in HARNESSES[harness]}
     except OSError as exc:
         raise FirmwareError(f"the mps2 harness templates are not installed: {exc}") from None
+
+
+def _check_harness(harness: str) -> None:
+    if harness not in HARNESSES:
+        raise FirmwareError(f"unknown harness {harness!r}; harnesses: {', '.join(HARNESSES)}")
+
+
+def build_id(library_dir: Path, target: str, harness: str = "serial") -> str:
+    """The firmware's build id: the first 16 hex digits of the SHA-256 of the target's name,
+    the harness's sources and the library's header and sources. The same library built for
+    the same target gets the same id; any change of the model, the kernels or the harness
+    gives another."""
+    _check_harness(harness)
+    library_dir = Path(library_dir)
+    digest = hashlib.sha256(f"edgeops-firmware\0{target}\0{harness}\0".encode())
+    parts = sorted(_harness_sources(harness).items())
+    for path in [library_dir / "edgeops_model.h", *_library_sources(library_dir)]:
+        parts.append((path.name, path.read_text(encoding="utf-8")))
+    for name, text in parts:
+        data = text.encode("utf-8")
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()[:BUILD_ID_CHARS]
 
 
 def _run(command: list[str], what: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -206,11 +249,20 @@ def _run(command: list[str], what: str, timeout: float) -> subprocess.CompletedP
     return result
 
 
-def _link(model_dir: Path, model_sources: list[Path], build_dir: Path, target: Target) -> Path:
+def _link(
+    model_dir: Path,
+    model_sources: list[Path],
+    build_dir: Path,
+    target: Target,
+    harness_name: str = "semihosting",
+    defines: tuple[str, ...] = (),
+) -> Path:
     harness = build_dir / "harness"
     harness.mkdir(parents=True, exist_ok=True)
-    for name, text in _harness_sources().items():
+    files = _harness_sources(harness_name)
+    for name, text in files.items():
         (harness / name).write_text(text, encoding="utf-8")
+    harness_sources = [harness / name for name in files if name.endswith(".c")]
     elf = build_dir / ELF_NAME
     partial = build_dir / f".{ELF_NAME}.partial"
     command = [
@@ -218,13 +270,13 @@ def _link(model_dir: Path, model_sources: list[Path], build_dir: Path, target: T
         *C_FLAGS,
         *target.cpu_flags,
         *SECTION_FLAGS,
+        *defines,
         "-I",
         str(model_dir),
         "-I",
         str(harness),
         *(str(source) for source in model_sources),
-        str(harness / "startup.c"),
-        str(harness / "main.c"),
+        *(str(source) for source in harness_sources),
         "-T",
         str(harness / "mps2.ld"),
         *LINK_FLAGS,
@@ -247,14 +299,22 @@ def _library_sources(library_dir: Path) -> list[Path]:
     return sources
 
 
-def build_firmware(library_dir: Path, build_dir: Path, target: str) -> Path:
-    """Link the library in ``library_dir`` with the bare-metal harness for ``target``;
-    the ELF's path (``build_dir/edgeops_firmware.elf``, written atomically)."""
+def build_firmware(
+    library_dir: Path, build_dir: Path, target: str, harness: str = "semihosting"
+) -> Path:
+    """Link the library in ``library_dir`` with the bare-metal ``harness`` (``semihosting``
+    or ``serial``, see the module docstring) for ``target``; the ELF's path
+    (``build_dir/edgeops_firmware.elf``, written atomically)."""
+    _check_harness(harness)
     chosen = _cortex_m(target)
     _require_toolchain()
     library_dir, build_dir = Path(library_dir), Path(build_dir)
     sources = _library_sources(library_dir)
-    return _link(library_dir, sources, build_dir, chosen)
+    defines: tuple[str, ...] = ()
+    if harness == "serial":
+        identity = build_id(library_dir, chosen.name, harness)
+        defines = (f'-DEDGEOPS_BUILD_ID="{identity}"', f'-DEDGEOPS_TARGET="{chosen.name}"')
+    return _link(library_dir, sources, build_dir, chosen, harness, defines)
 
 
 def _sections(elf: Path) -> dict[str, int]:

@@ -21,9 +21,13 @@ the interpreter-free C library and project of a firmware target (:mod:`edgeops.f
 and released as one deterministic tar archive (names sorted, mtime 0, owner 0, no
 compression) under a directory ``{model name}-{seq}-{target}/``. For a target QEMU runs
 (``mps2-an385``, ``mps2-an386``) with the Arm toolchain installed, the archive also holds the
-built ``firmware.elf``, and the card records the library's sections from
-``arm-none-eabi-size`` and the instructions per inference under ``qemu-system-arm -icount``;
-for the other targets it records what the generated sources tell (arena, constant data).
+built ``firmware.elf``: the library linked with the serial harness
+(``firmware_templates/mps2/main_serial.c``), the image a board runs and a gateway flashes,
+which answers the frames of :mod:`device_agent.runtime._serial` on the board's UART. The
+card records the library's sections from ``arm-none-eabi-size`` and the instructions per
+inference under ``qemu-system-arm -icount``, both measured on a build with the semihosting
+harness (:mod:`edgeops.firmware.cortexm`); for the other targets it records what the
+generated sources tell (arena, constant data).
 The card's runtime becomes ``firmware`` and its ``firmware`` object holds these figures
 (:class:`device_agent.card.Firmware`); its ``arena_bytes`` and ``flash_bytes`` are the
 library's. Nothing is published if the model is not full int8, the target is unknown, or the
@@ -361,10 +365,11 @@ def build_firmware_release(
 def _measure_on_qemu(
     library_dir: Path, work: Path, target: str, card: ModelCard, library: GeneratedLibrary
 ) -> tuple[Firmware, bytes] | None:
-    """The footprint and instructions per inference of a bare-metal build, with its ELF;
-    None if the Arm toolchain or QEMU is not installed. The inputs are the card's test
-    vectors of the library's input size, filled up with seeded random ones (float32 tensors
-    that quantize across the whole int8 range for a model with a float input)."""
+    """The footprint and instructions per inference of a bare-metal build with the
+    semihosting harness, and the ELF built with the serial harness (the one released); None
+    if the Arm toolchain or QEMU is not installed. The inputs are the card's test vectors of
+    the library's input size, filled up with seeded random ones (float32 tensors that
+    quantize across the whole int8 range for a model with a float input)."""
     import numpy as np
 
     from edgeops.firmware import cortexm
@@ -408,7 +413,8 @@ def _measure_on_qemu(
             f"-icount (mean over {len(vectors)} inputs), constants from the generated sources"
         ),
     )
-    return record, elf.read_bytes()
+    serial = cortexm.build_firmware(library_dir, work / "serial-build", target, harness="serial")
+    return record, serial.read_bytes()
 
 
 def _directory_files(directory: Path, prefix: str) -> dict[str, tuple[bytes, int]]:
