@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import string
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -132,6 +142,75 @@ class FileBackedSettings(BaseSettings):
             _FILE_NAME.reset(name_token)
 
 
+MCU_PLACEHOLDERS = frozenset({"image", "port"})
+"""The placeholders a flash command may hold: ``{image}`` (required) and ``{port}``."""
+
+
+class McuSettings(BaseModel):
+    """The ``[mcu]`` table of agent.toml: a microcontroller board attached to this device.
+
+    With it the agent reports the ``firmware`` runtime and takes firmware releases: it flashes
+    the release's ``firmware.elf`` with ``flash_command`` and serves inference on ``port``
+    (see :mod:`device_agent.gateway`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: str = Field(
+        min_length=1,
+        description="the board's serial port (a device such as /dev/ttyACM0, or a symlink to "
+        "a pseudo-terminal), opened raw with pyserial after every flash",
+    )
+    flash_command: str = Field(
+        min_length=1,
+        description="the command that flashes an image, split like a shell line (no shell "
+        "runs it); {image} is replaced by the ELF's path (required), {port} by the port; it "
+        "must exit 0 once the board runs the image, e.g. 'openocd -f board.cfg -c \"program "
+        "{image} verify reset exit\"'",
+    )
+    baud: int = Field(default=115200, gt=0, description="the port's baud rate")
+    timeout_s: float = Field(
+        default=5.0, gt=0, description="seconds to wait for the board's answer to one input"
+    )
+    flash_timeout_s: float = Field(
+        default=120.0, gt=0, description="seconds the flash command may take"
+    )
+
+    @field_validator("flash_command")
+    @classmethod
+    def _flash_command(cls, value: str) -> str:
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"flash_command is not a valid command line: {exc}") from None
+        if not words:
+            raise ValueError("flash_command is empty")
+        names: set[str] = set()
+        for word in words:
+            try:
+                fields = [name for _, name, _, _ in string.Formatter().parse(word)]
+            except ValueError as exc:
+                raise ValueError(f"flash_command: {exc} in {word!r}") from None
+            names.update(name for name in fields if name is not None)
+        unknown = names - MCU_PLACEHOLDERS
+        if unknown:
+            raise ValueError(
+                f"flash_command holds unknown placeholder(s) "
+                f"{', '.join('{' + n + '}' for n in sorted(unknown))}; only {{image}} and "
+                "{port} are replaced (write {{ and }} for literal braces)"
+            )
+        if "image" not in names:
+            raise ValueError("flash_command must hold {image}, the path of the image to flash")
+        return value
+
+    def flash_argv(self, image: Path) -> list[str]:
+        """The flash command's words with ``{image}`` and ``{port}`` filled in."""
+        return [
+            word.format(image=str(image), port=self.port)
+            for word in shlex.split(self.flash_command)
+        ]
+
+
 class AgentSettings(FileBackedSettings):
     """The device agent's configuration (``agent.toml`` and ``EDGEOPS_AGENT_*`` variables).
 
@@ -215,6 +294,13 @@ class AgentSettings(FileBackedSettings):
         default=10.0,
         ge=0,
         description="seconds a new model must run healthy after activation before it is committed",
+    )
+    mcu: McuSettings | None = Field(
+        default=None,
+        description="a microcontroller board attached to this device (TOML table [mcu]: "
+        "port, flash_command with {image} and optionally {port}, baud, timeout_s, "
+        "flash_timeout_s); with it the agent reports the firmware runtime, flashes firmware "
+        "releases and runs their test vectors on the board",
     )
     update_max_attempts: int = Field(
         default=3,

@@ -27,6 +27,13 @@ payloads go to its fetcher, every transition is an ``update`` event through the 
 buffer, and the champion swap it asks for is done here, on the main loop, between samples.
 ``state`` reports ``update_state`` and the slots.
 
+With an ``[mcu]`` table the agent is the gateway of a microcontroller board
+(:class:`~device_agent.gateway.Gateway`): it reports the ``firmware`` runtime (and the board's
+port and image in ``state.board``), a firmware bundle's champion is the board (samples go to
+it over the serial port), the update's smoke test is the conformance test on the board
+(reported as a ``conformance`` event), and at start-up the board is flashed with the active
+slot's image if it runs another one.
+
 Bad input (wrong shape, NaN, garbage from the source, a malformed desired document) is
 answered with an error where the source can take answers, counted in the window's ``errors``
 and never stops the loop.
@@ -55,6 +62,7 @@ from device_agent.config import AgentSettings
 from device_agent.dispatch import Dispatcher
 from device_agent.errors import AgentError, LinkError, ProtocolError
 from device_agent.fsio import atomic_write_json
+from device_agent.gateway import Gateway
 from device_agent.health import HealthEndpoint
 from device_agent.link import Connected, Disconnected, Message, MqttLink, Will
 from device_agent.protocol import (
@@ -66,15 +74,15 @@ from device_agent.protocol import (
     device_topic,
     encode,
 )
-from device_agent.runtime import InputError, ModelBundle, Runtime, open_runtime
+from device_agent.runtime import InputError, ModelBundle, Runtime
 from device_agent.shadow import RUN_ERRORS, ChallengerSlot, ChallengerSpec
 from device_agent.shadow import ChallengerError as ChallengerError  # re-exported
 from device_agent.sources import Sample, Source, open_source, reply_document
 from device_agent.telemetry import WindowAggregator
-from device_agent.updater.contract import installed_runtimes
+from device_agent.updater.contract import FIRMWARE_CARD_RUNTIME, installed_runtimes
 from device_agent.updater.machine import UpdateState
 from device_agent.updater.service import UpdateService
-from device_agent.updater.updater import ChampionHealth, Transition
+from device_agent.updater.updater import LOCAL_RUNTIMES, ChampionHealth, Runtimes, Transition
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +138,15 @@ class AgentDaemon:
         self.settings = settings
         self.device_id = settings.device_id
         self.hardware = {**detect_hardware(), **settings.hardware}
-        self._runtimes = sorted(installed_runtimes())
+        # an attached board ([mcu]) serves firmware bundles; others run in this process
+        self.gateway: Gateway | None = None
+        self.runtimes: Runtimes = LOCAL_RUNTIMES
+        if settings.mcu is not None:
+            self.gateway = Gateway(settings.mcu, settings.state_dir, event=self._board_event)
+            self.runtimes = self.gateway
+        self._runtimes = sorted(
+            installed_runtimes() | ({FIRMWARE_CARD_RUNTIME} if self.gateway else set())
+        )
         self.dispatcher = Dispatcher()
         self.desired: dict[str, Any] | None = None
         self._stop = threading.Event()
@@ -157,6 +173,7 @@ class AgentDaemon:
             report=self._report_update,
             send_fetch=self._send_fetch,
             wake=self.link.nudge,
+            runtimes=self.runtimes,
         )
 
         # inference: set up by run()
@@ -256,7 +273,9 @@ class AgentDaemon:
             return
         try:
             bundle = ModelBundle.load(model_dir)
-            runtime = open_runtime(bundle)
+            # a firmware bundle: the board is flashed first if it runs another image (a
+            # power cut between a flash and the end of a rollback left it so)
+            runtime = self.runtimes.open(bundle)
         except AgentError as exc:
             self._model_error = str(exc)
             log.error("champion model in %s not loaded: %s", model_dir, exc)
@@ -308,7 +327,7 @@ class AgentDaemon:
                     f"the model in {bundle_dir} takes raw samples of shape "
                     f"{list(bundle.rule.input_shape)}, the source gives {list(self.source_shape)}"
                 )
-            runtime = open_runtime(bundle)
+            runtime = self.runtimes.open(bundle)
         if self._window_activity:
             self._close_window()  # a window speaks of one champion
         old = self.champion
@@ -344,6 +363,11 @@ class AgentDaemon:
         if transition.state in _STATE_REPORTED:
             self._state_changed.set()
         self.link.nudge()  # the main loop sends them now, not when it next wakes
+
+    def _board_event(self, event: str, detail: dict[str, Any]) -> None:
+        """An event of the attached board (``conformance``; the updater's worker thread)."""
+        self._event(event, **detail)
+        self.link.nudge()
 
     def _deliver_fetch(self, payload: bytes) -> None:
         """A ``fetch/res`` frame (binary, not a JSON document), on the link's network thread:
@@ -669,10 +693,14 @@ class AgentDaemon:
             health="model_error" if self._model_error else "ok",
             free_memory_bytes=_meminfo_bytes("MemAvailable"),
             # what a rollout's pre-check matches a release's runtime against
-            extra={"runtimes": self._runtimes},
+            extra={"runtimes": self._runtimes, **self._board_report()},
         )
         self._publish(Channel.STATE, encode(report))
         self._state_published_at = time.monotonic()
+
+    def _board_report(self) -> dict[str, Any]:
+        """``{"board": {"port", "image_sha256"}}`` with an attached board, else nothing."""
+        return {"board": self.gateway.describe()} if self.gateway is not None else {}
 
     def _publish(self, channel: Channel, payload: bytes) -> None:
         self.link.publish(
@@ -743,6 +771,8 @@ class AgentDaemon:
         for runtime in (self.challenger, self.champion):
             if runtime is not None:
                 runtime.close()
+        if self.gateway is not None:
+            self.gateway.close()
         self._write_health("stopped")
         if self.buffer is not None:
             self.buffer.close()

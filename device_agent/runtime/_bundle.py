@@ -4,6 +4,9 @@
 
     <bundle>/card.json       the model card (device_agent.card.ModelCard)
     <bundle>/model.tflite    or model.onnx: the model the card describes
+    <bundle>/firmware.tar    or, for a card of runtime ``firmware``, the released firmware
+                             archive: it holds ``<prefix>/firmware.elf``, the image a
+                             microcontroller runs (flashed by :mod:`device_agent.gateway`)
 
 Everything is checked on load, before any runtime touches the model: the card parses, its
 preprocessing rule and reference statistics parse, the model file exists, is not empty and
@@ -34,13 +37,24 @@ from device_agent.features import FeatureRule, FeatureRuleError
 from device_agent.runtime._errors import BundleError
 from device_agent.sketch import ReferenceStats, SketchError
 
-__all__ = ["CARD_FILE", "MODEL_FILES", "PARSED_CARDS", "ModelBundle", "parse_card"]
+__all__ = [
+    "CARD_FILE",
+    "MODEL_FILES",
+    "MODEL_FILE_OF_FORMAT",
+    "PARSED_CARDS",
+    "ModelBundle",
+    "model_file_name",
+    "parse_card",
+]
 
 CARD_FILE = "card.json"
-MODEL_FILES = {"model.tflite": "tflite", "model.onnx": "onnx"}
+MODEL_FILES = {"model.tflite": "tflite", "model.onnx": "onnx", "firmware.tar": "firmware"}
 """The model file names a bundle may hold (one of them), and the format each one means."""
 
-_FORMATS_OF_RUNTIME = {"litert": "tflite", "tflm": "tflite", "onnx": "onnx"}
+MODEL_FILE_OF_FORMAT = {fmt: name for name, fmt in MODEL_FILES.items()}
+"""The file name of each format."""
+
+_FORMATS_OF_RUNTIME = {"litert": "tflite", "tflm": "tflite", "onnx": "onnx", "firmware": "firmware"}
 
 PARSED_CARDS = 8
 """Distinct cards kept parsed per process (the two slots' and a download's, with room)."""
@@ -88,6 +102,12 @@ class _ParsedCards:
 _PARSED = _ParsedCards(PARSED_CARDS)
 
 
+def model_file_name(card: ModelCard) -> str:
+    """The name of the model file a bundle of ``card`` holds (``model.tflite`` if the card's
+    runtime names no other format)."""
+    return MODEL_FILE_OF_FORMAT[_FORMATS_OF_RUNTIME.get(card.runtime, "tflite")]
+
+
 def parse_card(data: bytes) -> ModelCard:
     """``ModelCard.from_json(data)``, parsed once per process for the same bytes (see the
     module docstring); CardError if ``data`` is not a valid card. Treat the card as
@@ -103,7 +123,8 @@ class ModelBundle:
     card: ModelCard
     model_path: Path
     format: str
-    """``"tflite"`` or ``"onnx"``."""
+    """``"tflite"``, ``"onnx"`` or ``"firmware"`` (a firmware archive for an attached
+    microcontroller)."""
     rule: FeatureRule
     reference: ReferenceStats | None
 

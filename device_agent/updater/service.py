@@ -34,7 +34,9 @@ from device_agent.errors import AgentError, ProtocolError
 from device_agent.updater.machine import AT_REST, UpdateState
 from device_agent.updater.slots import Slots
 from device_agent.updater.updater import (
+    LOCAL_RUNTIMES,
     ChampionHealth,
+    Runtimes,
     Transition,
     TrustSource,
     Updater,
@@ -87,7 +89,9 @@ class UpdateService:
     ``report`` sends a transition as an ``update`` event; ``send_fetch`` publishes one
     ``fetch/req`` payload. ``trust`` (tests) replaces the TUF client built from the settings.
     ``wake`` is called after a champion swap was queued for the main loop, so a loop waiting
-    for MQTT events or samples takes it at once.
+    for MQTT events or samples takes it at once. ``runtimes`` opens bundles for the smoke
+    test and restores attached hardware after a rollback (an attached board:
+    :class:`device_agent.gateway.Gateway`).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class UpdateService:
         send_fetch: Callable[[bytes], None],
         trust: Callable[[], TrustSource] | None = None,
         wake: Callable[[], None] | None = None,
+        runtimes: Runtimes = LOCAL_RUNTIMES,
     ) -> None:
         self.settings = settings
         self.hardware = dict(hardware)
@@ -118,6 +123,7 @@ class UpdateService:
             host=self,
             health_s=settings.update_health_s,
             max_attempts=settings.update_max_attempts,
+            runtimes=runtimes,
         )
         self._swaps: queue.Queue[_Swap] = queue.Queue()
         self._lock = threading.Lock()
@@ -301,9 +307,15 @@ class UpdateService:
         return TrustClient(trust_dir / "metadata", fetcher, trust_dir / "targets")
 
     def _check_contract(self, custom: Any) -> ModelCard:
-        from device_agent.updater.contract import DeviceFacts, check_contract
+        from device_agent.updater.contract import (
+            FIRMWARE_CARD_RUNTIME,
+            DeviceFacts,
+            check_contract,
+        )
 
-        return check_contract(custom, DeviceFacts.detect(self.hardware))
+        # an attached board (the [mcu] table) runs firmware releases
+        extra = {FIRMWARE_CARD_RUNTIME} if self.settings.mcu is not None else set()
+        return check_contract(custom, DeviceFacts.detect(self.hardware, extra_runtimes=extra))
 
     def _saved_desired_target(self) -> str | None:
         path = self.settings.state_dir / "desired.json"

@@ -2,7 +2,8 @@
 
 ::
 
-    <state_dir>/slots/a/            a model bundle: card.json + model.tflite (or model.onnx)
+    <state_dir>/slots/a/            a model bundle: card.json + model.tflite (or model.onnx,
+                                    or firmware.tar for a card of runtime ``firmware``)
     <state_dir>/slots/b/            the other one
     <state_dir>/slots/active.json   {"active": "a", "previous": "b" | null,
                                      "targets": {"a": "<target path>", "b": "..."}}
@@ -36,6 +37,7 @@ from device_agent.fsio import (
     make_dir,
 )
 from device_agent.runtime import CARD_FILE, MODEL_FILES, ModelBundle, parse_card
+from device_agent.runtime._bundle import model_file_name
 
 __all__ = ["POINTER_FILE", "SLOT_NAMES", "Pointer", "SlotError", "Slots", "fsync_dir"]
 
@@ -166,7 +168,7 @@ class Slots:
         directory = self.dir(slot)
         directory.mkdir(parents=True)
         fsync_dir(self.root)
-        name = "model.onnx" if card.runtime == "onnx" else "model.tflite"
+        name = model_file_name(card)
         atomic_write_chunks(directory / name, _read_chunks(model_file))
         text = card_json if card_json is not None else card.to_json().encode()
         atomic_write_bytes(directory / CARD_FILE, text)

@@ -14,11 +14,15 @@ Steps, one per state:
   once to ``update/card.json``.
 - ``installing``: wipe the inactive slot, write the model and ``card.json``, fsync, load it.
 - ``testing``: smoke test (the bundle loads in its runtime and reproduces the card's test
-  vectors within tolerance); then the pointer is switched (the activation) and the host swaps
-  the champion; then, for ``health_s`` seconds, the champion must stay the new model and
-  answer samples without runtime errors (the host counts them from the swap on).
+  vectors within tolerance; a firmware bundle is flashed to the attached board and the
+  vectors run there, see :mod:`device_agent.gateway`); then the pointer is switched (the
+  activation) and the host swaps the champion; then, for ``health_s`` seconds, the champion
+  must stay the new model and answer samples without runtime errors (the host counts them
+  from the swap on).
 - ``rolling_back``: if the pointer was switched, it is switched back to what it was before the
-  activation and the host reloads that champion.
+  activation; ``runtimes`` restores attached hardware to the active slot (a board is flashed
+  with the active slot's image again: the smoke test of a firmware release flashed it with
+  the new one), and the host reloads that champion.
 
 Transient failures (transport, I/O) retry the same state; every retry and every resume after
 a restart counts an attempt, and past ``max_attempts`` the update fails and rolls back. A
@@ -77,6 +81,7 @@ from device_agent.errors import AgentError, LinkError
 from device_agent.fsio import atomic_write_bytes, atomic_write_json
 from device_agent.runtime import ModelBundle, Runtime, open_runtime, parse_card
 from device_agent.runtime._base import TensorRuntime
+from device_agent.runtime._errors import RuntimeLoadError
 from device_agent.updater.errors import TrustError, UpdateError, UpdateRefused
 from device_agent.updater.machine import (
     AT_REST,
@@ -87,9 +92,12 @@ from device_agent.updater.machine import (
 from device_agent.updater.slots import Pointer, Slots
 
 __all__ = [
+    "LOCAL_RUNTIMES",
     "MAX_TESTING_BOOTS",
     "ChampionHealth",
     "ContractCheck",
+    "Replay",
+    "Runtimes",
     "SmokeTestError",
     "Transition",
     "TrustSource",
@@ -288,37 +296,111 @@ _CARD_JSON = _CardTexts()
 # -- the smoke test --------------------------------------------------------------------------
 
 
-def smoke_test(bundle_dir: Path) -> ModelBundle:
+@dataclass
+class Replay:
+    """What one smoke test saw, vector by vector (reported by :meth:`Runtimes.tested`)."""
+
+    vectors: int = 0
+    """Test vectors run (a card without vectors: the one zero sample, not counted)."""
+    failed: list[int] = field(default_factory=list)
+    """Indices of the vectors whose output differs beyond the tolerance."""
+    max_error: float | None = None
+    """The largest absolute difference from an expected output over all vectors run."""
+    tolerance: float | None = None
+    latencies_s: list[float] = field(default_factory=list)
+    """Wall-clock seconds of each vector on this host: send, run, receive (for a board: the
+    serial round trip included)."""
+    cycles: list[int] = field(default_factory=list)
+    """What the runtime measured itself per vector (a board's cycle count), if it does."""
+    reason: str | None = None
+    """Why the test failed (None: it passed)."""
+
+    @property
+    def passed(self) -> bool:
+        return self.reason is None
+
+
+class Runtimes:
+    """How the updater and the daemon run a bundle: in this process (LiteRT, ONNX Runtime).
+
+    A device with hardware of its own (an attached microcontroller, see
+    :class:`device_agent.gateway.Gateway`) passes a subclass that opens some bundles on that
+    hardware, reports the smoke test's results and, after a rollback, puts the hardware back
+    on what the active slot names.
+    """
+
+    def open(self, bundle: ModelBundle) -> Runtime:
+        """A runtime for ``bundle``; AgentError if it cannot run here."""
+        if bundle.format not in ("tflite", "onnx"):
+            raise RuntimeLoadError(
+                f"{bundle.model_path}: a {bundle.format} bundle needs an attached board; "
+                "this agent has none configured ([mcu])"
+            )
+        return open_runtime(bundle)
+
+    def label(self, bundle: ModelBundle) -> str:
+        """Where the bundle runs, for the smoke test's messages."""
+        return str(bundle.directory)
+
+    def tested(self, bundle: ModelBundle, replay: Replay) -> None:
+        """The smoke test of ``bundle`` ended (passed or not) with ``replay``."""
+
+    def restore(self, bundle_dir: Path | None) -> str | None:
+        """After a rollback: make what runs outside this process match ``bundle_dir`` (the
+        active slot, None: no slot). What it did, for the update's reason, or None if
+        nothing needed doing; AgentError if it could not."""
+        return None
+
+
+LOCAL_RUNTIMES = Runtimes()
+
+
+def smoke_test(bundle_dir: Path, runtimes: Runtimes = LOCAL_RUNTIMES) -> ModelBundle:
     """Load the bundle in its runtime and reproduce its card's test vectors within tolerance.
 
     Each vector's ``features`` (the float model input) go through the runtime's tensor path
     (quantization, invoke, dequantization); the output must equal the dequantized
     ``expected_output`` within one output quantization step (integer models) or 1e-4
     absolute + 1e-3 relative (float models). A card without vectors: one zero sample must
-    run. SmokeTestError names what failed (a bundle that does not load, a model that fails).
+    run. Every vector runs (all differing ones are listed) unless the runtime fails.
+    ``runtimes`` opens the bundle (default: in this process) and is told the result
+    (:meth:`Runtimes.tested`) whether the test passes or not. SmokeTestError names what
+    failed (a bundle that does not load, a model that fails, the first differing vector).
     """
     try:
         bundle = ModelBundle.load(bundle_dir)
-        runtime = open_runtime(bundle)
     except AgentError as exc:
         raise SmokeTestError(f"{bundle_dir} does not load: {exc}") from exc
-    with runtime:
+    replay = Replay()
+    where = runtimes.label(bundle)
+    try:
         try:
-            _replay(bundle, runtime)
-        except SmokeTestError:
-            raise
-        except (AgentError, ValueError, TypeError, RuntimeError, FloatingPointError) as exc:
-            raise SmokeTestError(f"{bundle_dir}: the model fails to run: {exc}") from exc
+            runtime = runtimes.open(bundle)
+        except AgentError as exc:
+            raise SmokeTestError(f"{where}: the model does not load: {exc}") from exc
+        with runtime:
+            try:
+                _replay(bundle, runtime, replay, where)
+            except SmokeTestError:
+                raise
+            except (AgentError, ValueError, TypeError, RuntimeError, FloatingPointError) as exc:
+                raise SmokeTestError(f"{where}: the model fails to run: {exc}") from exc
+    except SmokeTestError as exc:
+        replay.reason = str(exc)
+        runtimes.tested(bundle, replay)
+        raise
+    runtimes.tested(bundle, replay)
     return bundle
 
 
-def _replay(bundle: ModelBundle, runtime: Runtime) -> None:
-    """Run the card's test vectors (or one zero sample) through ``runtime``."""
-    bundle_dir, card = bundle.directory, bundle.card
+def _replay(bundle: ModelBundle, runtime: Runtime, replay: Replay, where: str) -> None:
+    """Run the card's test vectors (or one zero sample) through ``runtime`` into ``replay``."""
+    card = bundle.card
     if not card.test_vectors or not isinstance(runtime, TensorRuntime):
         runtime.infer(np.zeros(bundle.rule.input_shape, dtype=np.float32))
         return
     quantization = card.quantization.output
+    first: str | None = None
     for index, vector in enumerate(card.test_vectors):
         try:
             features = np.asarray(vector["features"], dtype=np.float32).reshape(
@@ -326,24 +408,38 @@ def _replay(bundle: ModelBundle, runtime: Runtime) -> None:
             )
             expected = np.asarray(vector["expected_output"], dtype=np.float64).reshape(-1)
         except (KeyError, TypeError, ValueError) as exc:
-            raise SmokeTestError(f"{bundle_dir}: test vector {index} is malformed: {exc}") from exc
+            raise SmokeTestError(f"{where}: test vector {index} is malformed: {exc}") from exc
         if quantization is not None:
             expected = (expected - quantization.zero_point) * quantization.scale
             atol, rtol = quantization.scale * 1.001, 0.0
         else:
             atol, rtol = 1e-4, 1e-3
+        replay.tolerance = atol
+        start = time.perf_counter()
         got = runtime._run(features).astype(np.float64)
+        replay.latencies_s.append(time.perf_counter() - start)
+        cycles = getattr(runtime, "last_cycles", None)
+        if isinstance(cycles, int):
+            replay.cycles.append(cycles)
+        replay.vectors += 1
         if got.shape != expected.shape:
             raise SmokeTestError(
-                f"{bundle_dir}: test vector {index}: the model gives {got.size} outputs, "
+                f"{where}: test vector {index}: the model gives {got.size} outputs, "
                 f"the card expects {expected.size}"
             )
+        worst = float(np.max(np.abs(got - expected))) if got.size else 0.0
+        replay.max_error = worst if replay.max_error is None else max(replay.max_error, worst)
         if not np.allclose(got, expected, atol=atol, rtol=rtol):
-            worst = float(np.max(np.abs(got - expected)))
-            raise SmokeTestError(
-                f"{bundle_dir}: test vector {index}: output differs from the card's by up "
-                f"to {worst:.6g} (tolerance {atol:.6g})"
-            )
+            replay.failed.append(index)
+            if first is None:
+                first = (
+                    f"{where}: test vector {index}: output differs from the card's by up "
+                    f"to {worst:.6g} (tolerance {atol:.6g})"
+                )
+    if first is not None:
+        more = len(replay.failed) - 1
+        others = f" ({more} more of {replay.vectors} vectors differ)" if more else ""
+        raise SmokeTestError(first + others)
 
 
 # -- the updater -----------------------------------------------------------------------------
@@ -354,8 +450,10 @@ class Updater:
 
     ``trust`` builds the TUF client on first use. ``contract`` checks a target's custom
     metadata against this device. ``host`` swaps the champion, tells its
-    health and reports transitions. :meth:`boot` runs at start-up on the caller's thread;
-    :meth:`update` and :meth:`resume` block and belong on a worker thread.
+    health and reports transitions. ``runtimes`` opens bundles for the smoke test, is told its
+    result, and restores attached hardware after a rollback (:class:`Runtimes`).
+    :meth:`boot` runs at start-up on the caller's thread; :meth:`update` and :meth:`resume`
+    block and belong on a worker thread.
     """
 
     def __init__(
@@ -369,6 +467,7 @@ class Updater:
         max_attempts: int = 3,
         retry_delay_s: float = 2.0,
         health_poll_s: float = 0.25,
+        runtimes: Runtimes = LOCAL_RUNTIMES,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.slots = Slots(self.state_dir / "slots")
@@ -383,6 +482,7 @@ class Updater:
         self.max_attempts = max_attempts
         self.retry_delay_s = retry_delay_s
         self.health_poll_s = health_poll_s
+        self.runtimes = runtimes
         self.stop_event = threading.Event()
         self._target: Any = None  # the TargetFile of this process's download, if any
         self.record = self._load()
@@ -642,7 +742,7 @@ class Updater:
         assert record.slot is not None and record.target is not None
         slot_dir = self.slots.dir(record.slot)
         if not self._switched():
-            bundle = smoke_test(slot_dir)
+            bundle = smoke_test(slot_dir, self.runtimes)
             before = self.slots.pointer()
             targets = dict(before.targets) if before else {}
             targets[record.slot] = record.target
@@ -693,17 +793,28 @@ class Updater:
         self.record = record
 
     def _roll_back(self, *, live: bool) -> None:
-        """Finish the rollback: switch the pointer back if it names this update's slot."""
+        """Finish the rollback: switch the pointer back if it names this update's slot, have
+        ``runtimes`` restore what runs outside this process (an attached board) to the active
+        slot, then reload the champion (``live``)."""
         record = self.record
-        if self._switched():
+        switched = self._switched()
+        if switched:
             restore = Pointer.from_dict(record.pointer_before) if record.pointer_before else None
             self.slots.switch(restore)
-            if live:
-                try:
-                    self.host.activate(self.slots.active_dir())
-                except AgentError as exc:
-                    log.error("the previous champion did not load after the rollback: %s", exc)
-        self._apply(_E.ROLLED_BACK, record.reason)
+        reason = record.reason
+        try:
+            note = self.runtimes.restore(self.slots.active_dir())
+        except AgentError as exc:
+            log.error("the previous model was not restored after the rollback: %s", exc)
+            note = f"previous model NOT restored: {exc}"
+        if note:
+            reason = f"{reason}; {note}" if reason else note
+        if switched and live:
+            try:
+                self.host.activate(self.slots.active_dir())
+            except AgentError as exc:
+                log.error("the previous champion did not load after the rollback: %s", exc)
+        self._apply(_E.ROLLED_BACK, reason)
         self._discard_artifact()
 
     def _discard_artifact(self) -> None:

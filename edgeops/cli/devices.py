@@ -187,11 +187,13 @@ def devices_show(
     name: Annotated[str, typer.Argument(help="device id")],
     as_json: JsonOption = False,
 ) -> None:
-    """Show one device: identity, tags, and what it last reported."""
+    """Show one device: identity, tags, what it last reported, and how its last update and
+    last conformance test on an attached board ended (and why)."""
     with open_identities() as identities:
         device = identities.get_identity(name)
+    update, conformance = _last_update_events(name)
     if as_json:
-        _print_json(device.to_dict())
+        _print_json({**device.to_dict(), "last_update": update, "last_conformance": conformance})
         return
     table = Table(box=box.SIMPLE_HEAD, show_header=False)
     table.add_column("field", style="bold")
@@ -208,9 +210,56 @@ def devices_show(
         ("hardware", Text(", ".join(f"{k}={v}" for k, v in sorted(device.hardware.items())))),
         ("update state", Text(device.update_state or "")),
     ]
+    if update is not None:
+        rows.append(("last update", Text(_update_text(update))))
+    if conformance is not None:
+        rows.append(("conformance", Text(_conformance_text(conformance))))
     for field_name, value in rows:
         table.add_row(field_name, value)
     out.print(table)
+
+
+def _last_update_events(device_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The detail of the device's last ``update`` event (with its ``ts``) and of its last
+    ``conformance`` event, None where it sent none."""
+    from edgeops.cli._hub import open_hub
+    from edgeops.fleet import FleetService
+
+    found: list[dict[str, Any] | None] = []
+    with open_hub() as hub:
+        fleet = FleetService(hub.database)
+        for kind in ("update", "conformance"):
+            events = fleet.list_events(device_id, event=kind)
+            found.append({**events[-1].detail, "ts": events[-1].ts} if events else None)
+    return found[0], found[1]
+
+
+def _update_text(update: dict[str, Any]) -> str:
+    text = f"{update.get('state')} {update.get('target') or ''}".strip()
+    reason = update.get("reason")
+    return f"{text}: {reason}" if reason else text
+
+
+def _conformance_text(detail: dict[str, Any]) -> str:
+    vectors, failed = detail.get("vectors"), detail.get("failed") or []
+    where = f"{detail.get('model_id')} on {detail.get('board')} ({detail.get('target')})"
+    if detail.get("passed"):
+        text = f"passed: {vectors} test vectors, {where}"
+    else:
+        text = f"FAILED: {len(failed)} of {vectors} test vectors differ, {where}"
+    figures = [
+        f"{label} {detail[key]}{unit}"
+        for label, key, unit in (
+            ("latency mean", "latency_ms_mean", " ms"),
+            ("max", "latency_ms_max", " ms"),
+            ("cycles mean", "mean_cycles", ""),
+            ("max error", "max_error", ""),
+        )
+        if detail.get(key) is not None
+    ]
+    text += "; " + ", ".join(figures) if figures else ""
+    reason = detail.get("reason")
+    return f"{text}; {reason}" if reason else text
 
 
 @devices_app.command("revoke")
