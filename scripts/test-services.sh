@@ -29,6 +29,11 @@ need_pkg qemu-system-arm qemu-system-arm
 need_pkg g++ g++
 # the dashboard's browser tests drive Debian's Chromium (Playwright never downloads one)
 need_pkg chromium chromium fonts-dejavu-core
+# the rig's Linux boards run agents with a skewed wall clock (libfaketime)
+need_pkg faketime faketime libfaketime
+# packet loss on the rig's links without netem (nftables in a namespace), measured with ping
+need_pkg nft nftables
+need_pkg ping iputils-ping
 # newlib is a package of its own: the cross compiler may be there without it
 if [ ! -e "$(arm-none-eabi-gcc -print-file-name=libc_nano.a)" ] \
   && [ ! -d /usr/lib/arm-none-eabi/newlib ]; then
