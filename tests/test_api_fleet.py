@@ -129,10 +129,23 @@ def test_devices_list_twin_and_events(hub: Hub) -> None:
     assert twin["desired"] == {} and twin["desired_version"] == 0
     assert twin["identity"] == "none"
     assert [d["field"] for d in twin["differences"]] == ["update_state"]
+    assert twin["last_update"] == {"state": "downloading", "target": RELEASE, "ts": 2.0}
+    assert twin["last_conformance"] is None
+    # a gateway's rolled-back firmware: the newest update and conformance events say why
+    failed = {"passed": False, "failed": [3], "reason": "test vector 3 differs by 9 steps"}
+    hub.context.fleet.record_event(Event("dev-a", 3, "conformance", 4.0, failed))
+    hub.context.fleet.record_event(
+        Event("dev-a", 4, "update", 5.0, {"state": "rolled_back", "reason": "smoke_test: ..."})
+    )
+    twin = hub.get("/devices/dev-a").json()
+    assert twin["last_update"]["state"] == "rolled_back" and twin["last_update"]["ts"] == 5.0
+    assert twin["last_conformance"] == {**failed, "ts": 4.0}
 
     events = hub.get("/devices/dev-a/events").json()
-    assert [(e["seq"], e["event"], e["detail"]["state"]) for e in events] == [
-        (1, "update", "downloading")
+    assert [(e["seq"], e["event"], e["detail"].get("state")) for e in events] == [
+        (1, "update", "downloading"),
+        (3, "conformance", None),
+        (4, "update", "rolled_back"),
     ]
     assert hub.get("/devices/dev-a/events", params={"event": "error"}).json() == []
 

@@ -229,8 +229,8 @@ def _last_update_events(device_id: str) -> tuple[dict[str, Any] | None, dict[str
     with open_hub() as hub:
         fleet = FleetService(hub.database)
         for kind in ("update", "conformance"):
-            events = fleet.list_events(device_id, event=kind)
-            found.append({**events[-1].detail, "ts": events[-1].ts} if events else None)
+            last = fleet.last_event(device_id, kind)
+            found.append({**last.detail, "ts": last.ts} if last is not None else None)
     return found[0], found[1]
 
 

@@ -222,6 +222,19 @@ class FleetService:
         with self._db.session() as session:
             return [DeviceEventView.from_record(r) for r in session.exec(query).all()]
 
+    def last_event(self, device_id: str, event: str) -> DeviceEventView | None:
+        """The newest stored ``event`` of ``device_id`` (highest sequence number), if any."""
+        query = (
+            select(DeviceEventRecord)
+            .where(col(DeviceEventRecord.device_id) == device_id)
+            .where(col(DeviceEventRecord.event) == event)
+            .order_by(col(DeviceEventRecord.seq).desc())
+            .limit(1)
+        )
+        with self._db.session() as session:
+            record = session.exec(query).first()
+            return DeviceEventView.from_record(record) if record is not None else None
+
     def list_devices(self) -> list[DeviceView]:
         """Every known device, sorted by device id (code point order, on any database)."""
         with self._db.session() as session:

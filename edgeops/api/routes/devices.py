@@ -97,6 +97,13 @@ class DeviceTwin(BaseModel):
     update_state: str | None
     in_sync: bool
     differences: list[Difference]
+    last_update: dict[str, Any] | None = Field(
+        description="the device's last update event (state, target, reason, with its ts)"
+    )
+    last_conformance: dict[str, Any] | None = Field(
+        description="a gateway's last conformance test of a release on its attached board "
+        "(passed, failed vectors, latency, cycles, reason, with its ts)"
+    )
 
 
 class DeviceEvent(BaseModel):
@@ -262,8 +269,11 @@ def get_device(
     with answers():
         identity = identities(ctx).get_identity(device_id)
         twin = ctx.fleet.twin(device_id)
+        last = {kind: ctx.fleet.last_event(device_id, kind) for kind in ("update", "conformance")}
     return {
         **twin.to_dict(),
+        "last_update": _last_detail(last["update"]),
+        "last_conformance": _last_detail(last["conformance"]),
         "identity": identity.identity,
         "tags": identity.tags,
         "agent_version": identity.agent_version,
@@ -306,3 +316,8 @@ def revoke_device(
         "revoked_at": _iso(view.revoked_at),
         "changed": changed,
     }
+
+
+def _last_detail(event: Any) -> dict[str, Any] | None:
+    """An event's detail with its device timestamp, None for no event."""
+    return {**event.detail, "ts": event.ts} if event is not None else None
