@@ -236,6 +236,9 @@ class Outcome:
     """operations with path parameters that answered 2xx at least once (a real id hit)"""
 
 
+REQUEST_TIMEOUT_S = 300.0
+
+
 def fuzz(hub: Hub, schema: Any) -> Outcome:
     """Run every operation of ``schema`` against ``hub``."""
     from hypothesis import HealthCheck, Phase, given, settings
@@ -265,7 +268,9 @@ def fuzz(hub: Hub, schema: Any) -> Outcome:
             def run(case: Any) -> None:
                 outcome.sent += 1
                 try:
-                    response = case.call(headers=hub.headers)
+                    # no timing check: registering a built-in dataset takes tens of
+                    # seconds on a loaded machine (schemathesis' default timeout is 10 s)
+                    response = case.call(headers=hub.headers, timeout=REQUEST_TIMEOUT_S)
                 except Exception:
                     curl = case.as_curl_command(headers=hub.headers)
                     failures.append(f"{curl}\n  raised:\n{traceback.format_exc(limit=-6)}")
