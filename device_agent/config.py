@@ -173,7 +173,10 @@ class McuSettings(BaseModel):
         default=5.0, gt=0, description="seconds to wait for the board's answer to one input"
     )
     flash_timeout_s: float = Field(
-        default=120.0, gt=0, description="seconds the flash command may take"
+        default=120.0,
+        gt=0,
+        description="seconds the flash command may take; then it and every process it "
+        "started in its process group are killed",
     )
 
     @field_validator("flash_command")

@@ -19,9 +19,11 @@ Opening a firmware bundle:
    (the board's image is unknown from then on, until the command succeeds and the file says
    ``{"sha256": "<new>"}``), so a power cut of this device in between makes the next open
    flash again;
-3. the port is (re)opened raw with pyserial after every flash (a board that restarts may
-   come back on another device node behind the same name) and inference is served through
-   :class:`~device_agent.runtime.SerialRuntime`'s framing.
+3. the port is closed while the flash command runs (a flasher may need it) and (re)opened
+   raw with pyserial after every flash and after a read or write on it failed or found it
+   hung up (a board that restarts may come back on another device node behind the same
+   name); inference is served through :class:`~device_agent.runtime.SerialRuntime`'s
+   framing.
 
 The runtime of a bundle answers only while the board runs that bundle's image: while an
 update tests another image on the board, the champion's samples fail with
@@ -43,9 +45,12 @@ steps).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import tarfile
 import threading
@@ -83,6 +88,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+try:  # tcflush's termios.error is no OSError
+    import termios
+
+    _TTY_ERRORS: tuple[type[Exception], ...] = (OSError, termios.error)
+except ImportError:  # pragma: no cover - not a POSIX system
+    _TTY_ERRORS = (OSError,)
+
 IMAGE_NAME = "firmware.elf"
 FIRMWARE_FORMAT = "firmware"
 BOARD_FILE = "board.json"
@@ -92,6 +104,7 @@ MAX_MEMBERS = 10_000
 _ELF_MAGIC = b"\x7fELF"
 _CHUNK = 1 << 16
 _OUTPUT_TAIL = 300  # characters of a failed flash command's output quoted in its error
+_HUNG_UP = "closed the connection"  # SerialFrameError of a port whose other end is gone
 
 
 class BoardError(AgentError):
@@ -234,13 +247,20 @@ class Gateway(Runtimes):
 
     def ensure(self, bundle: ModelBundle) -> tuple[str, bool]:
         """Make the board run ``bundle``'s image: flash it only if the board runs another
-        (or an unknown) one. Returns the image's SHA-256 and whether it was flashed."""
+        (or an unknown) one. Returns the image's SHA-256 and whether it was flashed.
+        BoardError if it cannot be flashed, or its files in :attr:`directory` cannot be
+        written (a full disk): the champion's load at start-up reports it, never crashes."""
         with self._flash_lock:
-            image, digest = self.image_of(bundle)
-            if self.running_image == digest:
-                return digest, False
-            self._flash(image, digest)
-            self._prune(keep=digest)
+            try:
+                image, digest = self.image_of(bundle)
+                if self.running_image == digest:
+                    return digest, False
+                self._flash(image, digest)
+                self._prune(keep=digest)
+            except OSError as exc:
+                raise BoardError(
+                    f"board {self.port_name}: cannot write its files in {self.directory}: {exc}"
+                ) from exc
             return digest, True
 
     def _flash(self, image: Path, digest: str) -> None:
@@ -254,30 +274,11 @@ class Gateway(Runtimes):
         argv = self.settings.flash_argv(image)
         log.info("flashing %s on %s", image.name, self.port_name)
         self.flashes += 1
-        try:
-            done = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=self.settings.flash_timeout_s,
-                check=False,
-            )
-        except FileNotFoundError:
+        returncode, said = self._run_flash(argv)
+        if returncode != 0:
+            tail = " ".join(said.decode("utf-8", "replace").split())[-_OUTPUT_TAIL:]
             raise BoardError(
-                f"board {self.port_name}: flash command {argv[0]!r} not found"
-            ) from None
-        except subprocess.TimeoutExpired:
-            raise BoardError(
-                f"board {self.port_name}: the flash command did not finish in "
-                f"{self.settings.flash_timeout_s:g} s"
-            ) from None
-        except OSError as exc:
-            raise BoardError(f"board {self.port_name}: flash command failed: {exc}") from exc
-        if done.returncode != 0:
-            output = (done.stderr or done.stdout or b"").decode("utf-8", "replace").strip()
-            tail = " ".join(output.split())[-_OUTPUT_TAIL:]
-            raise BoardError(
-                f"board {self.port_name}: the flash command exited with {done.returncode}"
+                f"board {self.port_name}: the flash command exited with {returncode}"
                 + (f": {tail}" if tail else "")
             )
         with self._io:
@@ -286,6 +287,39 @@ class Gateway(Runtimes):
             )
             self._running = digest
         log.info("board %s runs image %s", self.port_name, digest[:12])
+
+    def _run_flash(self, argv: list[str]) -> tuple[int, bytes]:
+        """Run the flash command in a process group of its own; its exit status and what it
+        printed (stderr, else stdout). On a timeout the whole group is killed: a wrapper
+        script's flasher (openocd, a debug probe's server) must not keep the probe or the
+        port."""
+        timeout = self.settings.flash_timeout_s
+        try:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise BoardError(
+                f"board {self.port_name}: flash command {argv[0]!r} not found"
+            ) from None
+        except OSError as exc:
+            raise BoardError(f"board {self.port_name}: flash command failed: {exc}") from None
+        with process:
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(process)
+                raise BoardError(
+                    f"board {self.port_name}: the flash command did not finish in {timeout:g} s"
+                ) from None
+            except BaseException:
+                _kill_group(process)
+                raise
+        return process.returncode, (stderr.strip() or stdout.strip())
 
     def _prune(self, keep: str) -> None:
         """Remove extracted images other than ``keep`` (each is taken out again when needed)."""
@@ -317,7 +351,7 @@ class Gateway(Runtimes):
             raise BoardError(f"board {self.port_name}: {exc}") from exc
         try:
             port.reset_input_buffer()  # boot text and answers meant for an earlier image
-        except OSError as exc:
+        except _TTY_ERRORS as exc:
             port.close()
             raise BoardError(f"board {self.port_name}: the port does not read: {exc}") from exc
         return port
@@ -368,7 +402,9 @@ class Gateway(Runtimes):
             self._event("conformance", detail)
 
     def restore(self, bundle_dir: Path | None) -> str | None:
-        """Flash the active slot's image again if the board runs another one."""
+        """Flash the active slot's image again if the board runs another one. Nothing to do
+        for an active slot that is not a firmware bundle; with no active slot the board keeps
+        what it runs (a note says so if it was ever flashed)."""
         if bundle_dir is None:
             if self.running_image is None and not self.board_file.exists():
                 return None  # never flashed: nothing to undo
@@ -398,7 +434,11 @@ class BoardRuntime(SerialRuntime):
             self._port = gateway.port_for(self.image_sha256)
             try:
                 return super()._run(inputs)
-            except InferenceError:
+            except SerialFrameError as exc:
+                if isinstance(exc.__cause__, OSError) or _HUNG_UP in str(exc):
+                    # a port that failed or hung up (a board that reset and came back on
+                    # another device node behind the same name): the next request reopens it
+                    gateway._close_port()
                 raise
             except OSError as exc:
                 gateway._close_port()  # reopened by the next request
@@ -439,6 +479,15 @@ def conformance_detail(bundle: ModelBundle, replay: Replay, board: str) -> dict[
         "latency_ms_max": round(max(latencies), 3) if latencies else None,
         "reason": replay.reason,
     }
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group ``process`` leads and reap ``process``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    process.wait()
 
 
 def _finite(value: float | None) -> float | None:

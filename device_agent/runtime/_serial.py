@@ -67,6 +67,7 @@ __all__ = [
     "SerialPort",
     "SerialRuntime",
     "encode_frame",
+    "error_text",
     "open_port",
     "read_frame",
     "request_info",
@@ -141,8 +142,10 @@ def read_frame(port: SerialPort, timeout_s: float) -> SerialFrame:
 def open_port(path: str, *, baud: int = 115200) -> serial.Serial:
     """``path`` (a serial device, a pseudo-terminal or a symlink to one) opened raw with
     pyserial at ``baud``, reads returning what is there (the framing functions wait with
-    ``select`` and their own deadline), and exclusively: a second opener of the same port
-    gets SerialFrameError, as it does when the port cannot be opened."""
+    ``select`` and their own deadline), and exclusively: another opener that asks for an
+    exclusive port too (pyserial's ``exclusive=True``, an advisory ``flock``, as this function
+    does) gets SerialFrameError, as it does when the port cannot be opened; a program that
+    opens the device without locking it is not kept out."""
     try:
         import serial
     except ImportError:  # pragma: no cover - pyserial ships with the agent extra
@@ -168,7 +171,7 @@ def request_info(port: SerialPort, timeout_s: float = 5.0, *, seq: int = 0xFF00)
         if frame.seq == seq and frame.kind is not FrameKind.REQUEST:
             break
     if frame.kind is FrameKind.ERROR:
-        message = frame.payload.decode("utf-8", errors="replace")
+        message = error_text(frame.payload)
         raise SerialFrameError(f"the device answered the info request with an error: {message}")
     if frame.kind is not FrameKind.INFO:
         raise SerialFrameError(
@@ -181,6 +184,17 @@ def request_info(port: SerialPort, timeout_s: float = 5.0, *, seq: int = 0xFF00)
     if not isinstance(info, dict):
         raise SerialFrameError("the device's info frame is not a JSON object")
     return info
+
+
+ERROR_TEXT_CHARS = 300
+"""Characters of a board's error message quoted in an exception (a board sends what it wants)."""
+
+
+def error_text(payload: bytes) -> str:
+    """An error frame's message as one line (whitespace runs made one space, undecodable
+    bytes replaced) of at most :data:`ERROR_TEXT_CHARS` characters."""
+    text = " ".join(payload[: 4 * ERROR_TEXT_CHARS].decode("utf-8", errors="replace").split())
+    return text if len(text) <= ERROR_TEXT_CHARS else text[: ERROR_TEXT_CHARS - 3] + "..."
 
 
 class _Reader:
@@ -298,8 +312,7 @@ class SerialRuntime(TensorRuntime):
                 continue  # a late answer to an earlier request, or our own echo
             break
         if frame.kind is FrameKind.ERROR:
-            message = frame.payload.decode("utf-8", errors="replace")
-            raise InferenceError(f"the device reported an error: {message}")
+            raise InferenceError(f"the device reported an error: {error_text(frame.payload)}")
         expected = _CYCLES.size + self._out_bytes
         if len(frame.payload) != expected:
             raise SerialFrameError(

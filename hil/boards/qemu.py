@@ -274,11 +274,16 @@ def _launch(state_dir: Path, target: str) -> int:
     except OSError as exc:
         raise BoardError(f"{_name(state_dir)}: cannot start {QEMU}: {exc.strerror}") from None
     pid = process.pid
+    try:
+        _write_atomic(state_dir / PID, f"{pid}\n".encode())
+    except BaseException:  # no pid file: nothing could ever stop this QEMU
+        process.kill()
+        process.wait()
+        raise
     with warnings.catch_warnings():
         # QEMU outlives this object by design; subprocess reaps it if it ends meanwhile
         warnings.simplefilter("ignore", ResourceWarning)
         del process
-    _write_atomic(state_dir / PID, f"{pid}\n".encode())
     state = _read_state(state_dir)
     boots = state.get("boots")
     _write_state(

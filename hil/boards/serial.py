@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from device_agent.runtime._errors import SerialFrameError
 from device_agent.runtime._serial import (
     FrameKind,
     encode_frame,
+    error_text,
     open_port,
     read_frame,
     request_info,
@@ -63,6 +65,7 @@ INFO_ATTEMPT_S = 2.5
 pseudo-terminal takes up to a second to notice that the host opened it)."""
 COMMAND_TIMEOUT_S = 300.0
 RESET_PULSE_S = 0.1
+_DRAIN_S = 2.0  # seconds to collect a killed command's last output
 _INFO_SEQ = 0xFF00  # info requests use seqs 0xFF00-0xFFFF, inputs 1-0xFEFF
 _CYCLES_BYTES = 4
 
@@ -211,8 +214,7 @@ class SerialLink:
         latency = time.monotonic() - sent
         self._pending = None
         if frame.kind is FrameKind.ERROR:
-            message = frame.payload.decode("utf-8", errors="replace")
-            raise self._error(f"the board reported an error: {message}")
+            raise self._error(f"the board reported an error: {error_text(frame.payload)}")
         info = self._tensor_info()
         float_output = bool(info.get("float_output"))
         dtype = np.dtype("<f4") if float_output else np.dtype(np.int8)
@@ -263,32 +265,54 @@ def run_command(board: str, what: str, template: str, timeout_s: float, **values
         raise BoardError(f"board {board}: the {what} command is empty")
     shown = shlex.join(command)
     try:
-        result = subprocess.run(
+        # a process group of its own: on a timeout the flasher a wrapper started (openocd
+        # under west, a probe's server) is killed too, and does not keep the probe or port
+        process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            timeout=timeout_s,
-            check=False,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired as exc:
-        said = exc.stderr or exc.stdout or ""
-        if isinstance(said, bytes):
-            said = said.decode("utf-8", errors="replace")
-        raise BoardError(
-            f"board {board}: the {what} command `{shown}` did not finish within "
-            f"{timeout_s:g} s: {_tail(said)}"
-        ) from None
     except OSError as exc:
         raise BoardError(
             f"board {board}: cannot run the {what} command `{shown}`: {exc.strerror or exc}"
         ) from None
-    if result.returncode != 0:
+    with process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            _kill_group(process)
+            try:  # what it printed, unless a process outside its group holds the pipes
+                stdout, stderr = process.communicate(timeout=_DRAIN_S)
+                said: str | bytes = stderr or stdout
+            except subprocess.TimeoutExpired:
+                said = exc.stderr or exc.stdout or ""
+            if isinstance(said, bytes):
+                said = said.decode("utf-8", errors="replace")
+            raise BoardError(
+                f"board {board}: the {what} command `{shown}` did not finish within "
+                f"{timeout_s:g} s: {_tail(said)}"
+            ) from None
+        except BaseException:
+            _kill_group(process)
+            raise
+    if process.returncode != 0:
         raise BoardError(
             f"board {board}: the {what} command `{shown}` exited with status "
-            f"{result.returncode}: {_tail(result.stdout + result.stderr)}"
+            f"{process.returncode}: {_tail(stdout + stderr)}"
         )
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    """SIGKILL the process group ``process`` leads and reap ``process``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    process.wait()
 
 
 class SerialBoard(Board):
