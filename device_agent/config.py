@@ -168,6 +168,13 @@ class McuSettings(BaseModel):
         "must exit 0 once the board runs the image, e.g. 'openocd -f board.cfg -c \"program "
         "{image} verify reset exit\"'",
     )
+    target: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the board's firmware target (e.g. mps2-an385); firmware released for "
+        "another target is refused before it is downloaded (unset: any target is flashed and "
+        "the conformance test decides)",
+    )
     baud: int = Field(default=115200, gt=0, description="the port's baud rate")
     timeout_s: float = Field(
         default=5.0, gt=0, description="seconds to wait for the board's answer to one input"

@@ -275,6 +275,22 @@ def test_agent_with_a_board_reports_and_takes_the_firmware_runtime(
     assert "firmware" in gateway._runtimes and gateway.gateway is not None
     assert gateway.updates._check_contract(custom).runtime == "firmware"
     assert gateway._board_report() == {"board": {"port": str(board.tty), "image_sha256": None}}
+    # a board of a known target refuses firmware for another one before any download
+    m4 = AgentDaemon(
+        AgentSettings(
+            device_id="gw-2", data_dir=tmp_path / "d2", mcu=board.settings(target="mps2-an386")
+        )
+    )
+    with pytest.raises(
+        ContractError, match=r"firmware for mps2-an385; the board on .* is a mps2-an386"
+    ):
+        m4.updates._check_contract(custom)
+    m3 = AgentDaemon(
+        AgentSettings(
+            device_id="gw-3", data_dir=tmp_path / "d3", mcu=board.settings(target="mps2-an385")
+        )
+    )
+    assert m3.updates._check_contract(custom).firmware is not None
 
 
 # -- the archive ------------------------------------------------------------------------------

@@ -312,10 +312,24 @@ class UpdateService:
             DeviceFacts,
             check_contract,
         )
+        from device_agent.updater.errors import ContractError
 
         # an attached board (the [mcu] table) runs firmware releases
-        extra = {FIRMWARE_CARD_RUNTIME} if self.settings.mcu is not None else set()
-        return check_contract(custom, DeviceFacts.detect(self.hardware, extra_runtimes=extra))
+        mcu = self.settings.mcu
+        extra = {FIRMWARE_CARD_RUNTIME} if mcu is not None else set()
+        card = check_contract(custom, DeviceFacts.detect(self.hardware, extra_runtimes=extra))
+        if (
+            mcu is not None
+            and mcu.target is not None
+            and card.firmware is not None
+            and card.firmware.target != mcu.target
+        ):
+            raise ContractError(
+                "hardware",
+                f"the release is firmware for {card.firmware.target}; the board on {mcu.port} "
+                f"is a {mcu.target}",
+            )
+        return card
 
     def _saved_desired_target(self) -> str | None:
         path = self.settings.state_dir / "desired.json"

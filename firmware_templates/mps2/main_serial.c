@@ -187,7 +187,7 @@ static void eo_frame_end(void) {
 /* ---- text ---- */
 
 typedef struct {
-    char text[320];
+    char text[512]; /* the info JSON is about 320 bytes with 10-character target names */
     uint32_t length;
 } eo_text;
 
