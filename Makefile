@@ -4,9 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# test files are spread over this many worker processes (pytest-xdist), each file on one
+# worker (its module fixtures built once); each worker builds the session's models itself
+PYTEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test services lint typecheck pytest coverage bench clean
+.PHONY: help install demo test services lint typecheck pytest coverage bench hil clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,13 +45,14 @@ pytest: install services
 # images often set it): without it every process compiles TensorFlow again (~11 s instead of
 # ~4.5 s), and the tests start hundreds of CLI and agent processes. The cache lives in the venv.
 	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache \
-		$(BIN)/pytest --durations=15 $(PYTEST_ARGS)
+		$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 # coverage traces every process the tests start (the CLI, agents, workers: patch =
 # subprocess in pyproject.toml), which makes the run about 1.5 times as long: not in `make test`
 coverage: install services  ## the test suite with line coverage of every process it starts
 	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache \
-		$(BIN)/pytest --cov --cov-report=term --durations=15 $(PYTEST_ARGS)
+		$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile --cov --cov-report=term --durations=15 \
+		$(PYTEST_ARGS)
 
 test: install services lint typecheck pytest  ## everything CI runs; ends with pytest's summary
 
@@ -57,6 +61,12 @@ bench: install services  ## benchmarks; results in bench/results/
 	$(BIN)/python bench/update.py
 	$(BIN)/python bench/firmware.py
 	$(BIN)/python bench/api.py
+
+# the rig's chaos plan: 20 device agents in network namespaces (root), one rollout under
+# seeded faults; not in `make test` (docs/hil.md)
+hil: install services  ## HIL chaos plan: 20 agents, faults during a rollout; reports in build/hil/chaos
+	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache \
+		$(BIN)/edgeops-hil run chaos --report build/hil/chaos
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* build *.egg-info
