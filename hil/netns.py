@@ -549,6 +549,7 @@ class Network:
         self.prefix = prefix or _new_prefix()
         self._links: dict[str, HostLink] = {}
         self._pending: list[tuple[str, str]] = []  # (namespace, host veth) being made
+        self._next_index = 0
         self._processes: list[subprocess.Popen[Any]] = []
         self._partitioned: set[str] = set()
         self._loss: dict[str, float] = {}  # link name: packet loss % by nftables
@@ -595,7 +596,9 @@ class Network:
             self._check_open()
             if name in self._links:
                 raise NetworkError(f"host {name!r} already exists in network {self.prefix}")
-            index = len(self._links) + len(self._pending)
+            # never reused: a host removed and added again gets new veth names
+            index = self._next_index
+            self._next_index += 1
             if index >= 36 * 36:
                 raise NetworkError(f"network {self.prefix} is full ({36 * 36} hosts)")
             namespace = f"{self.prefix}-{name}"

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from device_agent.link import Message, MqttEndpoint, MqttLink
+from device_agent.runtime import ModelBundle
 from hil.hub import ModelPair, RigHub, RigHubError
 from hil.models import ZOO_SHAPES, ZooModelError, zoo_models
 from tests.fixtures.mqtt import next_message
@@ -124,6 +125,9 @@ def test_bundle_loads_as_a_device_bundle(rig: RigHub, released: Released, tmp_pa
     bundle = rig.bundle(released.new, tmp_path / "bundle")
     assert sorted(p.name for p in bundle.iterdir()) == ["card.json", "model.tflite"]
     replays_test_vectors(bundle)
+    # a firmware target's bundle holds firmware.tar, the name a gateway's slot gives it
+    firmware = ModelBundle.load(rig.bundle(released.firmware, tmp_path / "firmware"))
+    assert firmware.card.runtime == "firmware" and firmware.model_path.name == "firmware.tar"
     with pytest.raises(RigHubError, match="no bundle"):
         rig.bundle("nothing/9/litert/model.tflite", tmp_path / "missing")
 

@@ -33,7 +33,13 @@ Errors::
 from __future__ import annotations
 
 from device_agent.runtime._base import Prediction, Runtime, TensorCodec, check_sample
-from device_agent.runtime._bundle import CARD_FILE, MODEL_FILES, ModelBundle, parse_card
+from device_agent.runtime._bundle import (
+    CARD_FILE,
+    MODEL_FILES,
+    ModelBundle,
+    model_file_name,
+    parse_card,
+)
 from device_agent.runtime._errors import (
     BundleError,
     InferenceError,
@@ -64,6 +70,7 @@ __all__ = [
     "SerialRuntime",
     "TensorCodec",
     "check_sample",
+    "model_file_name",
     "open_runtime",
     "parse_card",
 ]

@@ -294,13 +294,17 @@ def release_bundle(repository: Any, target_path: str, dest: Path) -> Path:
     import json
     import shutil
 
+    from device_agent.card import ModelCard
+    from device_agent.runtime import model_file_name
     from edgeops.trust import card_of
 
     target = repository.get_target(target_path)
+    card = card_of(target.custom)
     dest.mkdir(parents=True, exist_ok=True)
-    name = target_path.rpartition("/")[2]
+    # the name a slot gives it: model.tflite, model.onnx, or firmware.tar for firmware
+    name = model_file_name(ModelCard.from_dict(card))
     shutil.copyfile(repository.target_file_path(target), dest / name)
-    (dest / "card.json").write_text(json.dumps(card_of(target.custom)))
+    (dest / "card.json").write_text(json.dumps(card))
     return dest
 
 
