@@ -286,6 +286,12 @@ class AgentDaemon:
         if self.settings.source is None:
             log.warning("no source configured: the champion waits for nothing to run on")
             return
+        self._open_source(bundle)
+
+    def _open_source(self, bundle: ModelBundle) -> None:
+        """Open the configured source for the raw input shape of ``bundle``'s rule (at start,
+        or when the first champion arrives by an update); a failure is reported, not fatal."""
+        assert self.settings.source is not None
         kind = self.settings.source.kind
         try:
             self.source = open_source(self.settings.source, bundle.rule.input_shape)
@@ -295,6 +301,7 @@ class AgentDaemon:
             log.error("source %s not opened: %s", kind, exc)
             self._event("source_failed", kind=kind, error=str(exc))
             return
+        self._source_error = None
         log.info("source %s open", kind)
 
     def _install_champion(self, bundle: ModelBundle, runtime: Runtime) -> None:
@@ -337,6 +344,10 @@ class AgentDaemon:
         else:
             self._install_champion(bundle, runtime)
             log.info("champion %s activated from %s", runtime.model_id, bundle_dir)
+            if self.source is None and self.settings.source is not None:
+                # the first champion came by an update (the device booted without a model):
+                # the source opens now, for that model's raw input shape
+                self._open_source(bundle)
         if old is not None:
             old.close()
         self._state_changed.set()

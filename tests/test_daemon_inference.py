@@ -657,3 +657,24 @@ def test_a_paced_source_between_samples_does_not_hold_back_mqtt_messages(
             daemon.stop()
             for _ in range(3):  # the loop may be waiting on the link for the next sample
                 daemon.link.nudge()
+
+
+def test_the_source_opens_when_the_first_champion_arrives_by_an_update(
+    int8_model_dir: Path, isolated_environment: Path
+) -> None:
+    # a device provisioned without a model: nothing to run samples on until a release lands
+    settings = AgentSettings(
+        device_id="edge-10", data_dir=isolated_environment, source={"kind": "http", "port": 0}
+    )
+    daemon = AgentDaemon(settings)
+    daemon._start_inference(None)
+    assert daemon.source is None and daemon.champion is None
+    daemon._swap_champion(int8_model_dir)  # what the updater's activation does
+    source, champion, bundle = daemon.source, daemon.champion, daemon.champion_bundle
+    try:
+        assert champion is not None and source is not None and bundle is not None
+        assert daemon.source_shape == bundle.rule.input_shape
+    finally:
+        for opened in (source, champion):
+            if opened is not None:
+                opened.close()
