@@ -592,3 +592,29 @@ def test_a_resumed_download_that_fails_verification_starts_over_once(
     assert refused(client).kind == "hash_mismatch"
     assert http_hub.ranges[ranges:] == ["bytes=4000-11999", "bytes=0-11999"]
     assert not partial.exists()
+
+
+def test_a_chunk_damaged_on_the_way_is_downloaded_again_once(
+    http_hub: RangeServer, repo: TufRepo, tmp_path: Path
+) -> None:
+    class DamagedOnce(HttpFetcher):
+        """Flips one byte of the first target chunk it receives (a link that corrupts)."""
+
+        damaged = 0
+
+        def _checked(self, url: str, offset: int, max_length: int | None) -> Iterator[bytes]:
+            for data in super()._checked(url, offset, max_length):
+                if not self.damaged and "/targets/" in url:
+                    self.damaged += 1
+                    data = bytes([data[0] ^ 0x01]) + data[1:]
+                yield data
+
+    data = b"model bytes " * 1000
+    repo.target_file(TARGET, data)
+    fetcher = DamagedOnce(http_hub.url, partial_dir=tmp_path / "partial")
+    client = TrustClient(provision(tmp_path, repo), fetcher, tmp_path / "targets")
+    ranges = len(http_hub.ranges)
+    assert client.download(client.get_target(TARGET)).read_bytes() == data
+    assert fetcher.damaged == 1
+    # the target (12,000 bytes) was asked for twice, whole: a fresh try after the mismatch
+    assert http_hub.ranges[ranges:].count("bytes=0-11999") == 2

@@ -13,9 +13,10 @@ Both are :class:`tuf.ngclient.FetcherInterface` implementations built on
   file's length. The file is removed once the target was verified and handed over, and when
   its content turned out to be wrong (a length or hash mismatch, a file that changed under
   the download), so the next attempt starts afresh; a resumed download that fails
-  verification raises :class:`ResumedMismatchError` (its kept bytes may be what was wrong, so
-  the trust client tries once more from byte 0). Metadata is small and always fetched whole
-  into a temporary file.
+  verification raises :class:`ResumedMismatchError` (its kept bytes may be what was wrong).
+  The trust client downloads a target that fails verification once more from byte 0, resumed
+  or not (a chunk may have been damaged on the way), before it refuses it. Metadata is small
+  and always fetched whole into a temporary file.
 * **Failpoints.** After each target chunk is written and fsync'd,
   :func:`device_agent.failpoints.check_bytes` is called with the number of target bytes this
   fetcher has received and written so far (in this process), so a test can cut the power at

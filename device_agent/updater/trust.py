@@ -190,14 +190,18 @@ class TrustClient:
         try:
             try:
                 self._updater.download_target(target, str(temporary))
-            except ResumedMismatchError as exc:  # e.g. a zero-filled tail left by a power cut
+            except tuf_exceptions.LengthOrHashMismatchError as exc:
+                # a resumed download's kept bytes (a zero-filled tail left by a power cut), or
+                # a chunk damaged on the way: once more from byte 0 (the partial is gone); a
+                # second mismatch is the target's, and is refused
+                resumed = isinstance(exc, ResumedMismatchError)
                 log.warning(
-                    "resumed download of %s failed verification (%s); downloading it again "
-                    "from the start",
+                    "%s of %s failed verification (%s); downloading it again from the start",
+                    "resumed download" if resumed else "download",
                     target.path,
                     exc,
                 )
-                self._updater.download_target(target, str(temporary))  # the partial is gone
+                self._updater.download_target(target, str(temporary))
         except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError) as exc:
             temporary.unlink(missing_ok=True)
             raise trust_error(exc, f"target {target.path!r}", target=True) from exc
