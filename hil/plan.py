@@ -442,6 +442,7 @@ ASSERTIONS: dict[str, Checker] = {
     "ram_bytes_max": _integer(1),
     "errors_max": _integer(0),
     "samples_min": _integer(1),
+    "corrupted_min": _integer(0),
 }
 ASSERTS_FOR: dict[str, tuple[str, ...]] = {
     "release": ("flash_bytes_max", "ram_bytes_max"),
@@ -452,7 +453,7 @@ ASSERTS_FOR: dict[str, tuple[str, ...]] = {
     "latency": ("max_latency_ms", "mean_latency_ms", "errors_max", "samples_min"),
     "footprint": ("flash_bytes_max", "ram_bytes_max"),
     "soak": ("errors_max", "max_latency_ms", "mean_latency_ms", "samples_min"),
-    "fault": (),
+    "fault": ("corrupted_min",),
     "check": (),
 }
 _STATES_FOR = {"deploy": DEVICE_STATES, "rollout": ROLLOUT_STATES, "wait": ROLLOUT_STATES}
@@ -639,6 +640,12 @@ def _parse_step(
     if "reason_contains" in expect and "state" not in expect:
         raise _InvalidError(
             _join(path, "expect"), "reason_contains needs a state to compare it with"
+        )
+    if "corrupted_min" in expect and params.get("kind") != "corrupt_chunk":
+        raise _InvalidError(
+            _join(path, "expect"),
+            f"corrupted_min counts corrupted chunks: a corrupt_chunk fault's, not a "
+            f"{params.get('kind')} fault's",
         )
     stop = _boolean(data.get("stop_on_failure", False), _join(path, "stop_on_failure"))
     timeout = _opt(data, "timeout_s", _number(0.0, strict=True), path)

@@ -13,7 +13,11 @@ order, checks their assertions, tears everything down, and writes the reports.
    assertions (and, for ``deploy``, ``state: committed`` unless another state is
    expected). A step whose boards were left out is ``skipped`` with their reason; one that
    needs a broken board or hub, or raises, is ``error``; one whose assertion does not hold
-   is ``failed``. A failed or erred step fails the plan, and the next steps still run,
+   is ``failed``. A step whose evidence is still being gathered when its function returns
+   (:attr:`hil.steps.context.Outcome.pending`: a fault in the background, a corruption
+   waiting for its chunk) is concluded, its metrics added and its assertions checked, once
+   those threads have ended (checked after every step; at the end of the run they get up
+   to a minute more). A failed or erred step fails the plan, and the next steps still run,
    unless it says ``stop_on_failure`` (the rest are then ``skipped``). Once the plan's
    ``timeout_s`` has passed, the steps not yet run are ``error``.
 3. Stops everything it started, however the run ends (an error, Ctrl-C, SIGTERM), and
@@ -151,6 +155,16 @@ def check_expectations(step: Step, outcome: Outcome) -> list[str]:
                 problems.append(
                     f"{errors} errors > {wanted}" + (f" (first: {first})" if first else "")
                 )
+        elif key == "corrupted_min":
+            counts: dict[str, int] = observed.get("corrupted") or {}
+            if not counts:
+                problems.append("no chunk corruption was watched for")
+            for board, count in counts.items():
+                if count < wanted:
+                    problems.append(
+                        f"{board}: {count} chunks corrupted < {wanted} "
+                        "(no download passed its proxy in time)"
+                    )
         elif key == "samples_min":
             samples = int(observed.get("samples", len(latencies)))
             if samples < wanted:
@@ -345,8 +359,10 @@ def _sigterm_stops() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_step(ctx: RunContext, step: Step, result: StepResult) -> None:
-    """Run one step into ``result`` (never raises but for Ctrl-C / SIGTERM)."""
+def _run_step(ctx: RunContext, step: Step, result: StepResult) -> Outcome | None:
+    """Run one step into ``result`` (never raises but for Ctrl-C / SIGTERM); its outcome if
+    threads still gather evidence for it (:attr:`Outcome.pending`): the step is concluded
+    by :func:`_settle` once they end."""
     plan = ctx.plan
     wants_hub, board_names = needs(plan, step)
     skipped = [name for name in board_names if name in ctx.unavailable]
@@ -354,14 +370,14 @@ def _run_step(ctx: RunContext, step: Step, result: StepResult) -> None:
         result.status = "skipped"
         reasons = dict.fromkeys(ctx.unavailable[name] for name in skipped)
         result.message = f"boards {', '.join(skipped)} not run here: {'; '.join(reasons)}"
-        return
+        return None
     broken = [name for name in board_names if name in ctx.broken]
     if wants_hub and "hub" in ctx.broken:
         broken.insert(0, "hub")
     if broken:
         result.status = "error"
         result.message = "; ".join(f"{name} did not start: {ctx.broken[name]}" for name in broken)
-        return
+        return None
     started = time.monotonic()
     step_deadline = started + step.timeout_s if step.timeout_s else float("inf")
     ctx.deadline = min(step_deadline, ctx.t0 + plan.timeout_s)
@@ -370,7 +386,7 @@ def _run_step(ctx: RunContext, step: Step, result: StepResult) -> None:
     except StepFailure as exc:
         result.status = "failed"
         result.message = str(exc)
-        return
+        return None
     except (KeyboardInterrupt, _Interrupted):
         raise
     except Exception as exc:  # noqa: BLE001 - the step errs; the run goes on
@@ -383,11 +399,24 @@ def _run_step(ctx: RunContext, step: Step, result: StepResult) -> None:
             (ctx.workdir / "errors.log").open("a", encoding="utf-8") as fh,
         ):
             fh.write(f"--- step {step.name}\n{detail}\n")
-        return
-    result.metrics.update(outcome.metrics)
-    result.series.update(outcome.series)
-    result.rows.extend(outcome.rows)
-    problems = check_expectations(step, outcome)
+        return None
+    if any(thread.is_alive() for thread in outcome.pending):
+        with outcome.lock:
+            result.metrics.update(outcome.metrics)
+        result.status = "passed"
+        result.message = outcome.message
+        return outcome
+    _conclude(step, outcome, result)
+    return None
+
+
+def _conclude(step: Step, outcome: Outcome, result: StepResult) -> None:
+    """The step's metrics into ``result``, and its status by its assertions."""
+    with outcome.lock:
+        result.metrics.update(outcome.metrics)
+        result.series.update(outcome.series)
+        result.rows.extend(outcome.rows)
+        problems = check_expectations(step, outcome)
     if problems:
         result.status = "failed"
         result.message = "; ".join(problems)
@@ -396,6 +425,33 @@ def _run_step(ctx: RunContext, step: Step, result: StepResult) -> None:
     else:
         result.status = "passed"
         result.message = outcome.message
+
+
+_Unsettled = list[tuple[Step, StepResult, Outcome]]
+
+
+def _settle(ctx: RunContext, unsettled: _Unsettled, wait_s: float | None) -> None:
+    """Conclude the steps whose evidence threads have ended (with ``wait_s``: wait that long
+    in all for the rest, then conclude them with what they gathered, noted as incomplete)."""
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    for entry in list(unsettled):
+        step, result, outcome = entry
+        if deadline is not None:
+            for thread in outcome.pending:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        alive = sum(thread.is_alive() for thread in outcome.pending)
+        if alive and deadline is None:
+            continue
+        unsettled.remove(entry)
+        before = result.status
+        _conclude(step, outcome, result)
+        if alive:
+            note = f"evidence incomplete: {alive} of its watches still running at the end"
+            result.message = f"{result.message}; {note}" if result.message else note
+        position = f"[{step.index + 1}/{len(ctx.plan.steps)}]"
+        change = "" if result.status == before else f" (was {before})"
+        message = f": {result.message}" if result.message else ""
+        ctx.progress(f"{position} {step.name}: evidence in, {result.status}{change}{message}")
 
 
 def run_plan(
@@ -445,6 +501,7 @@ def run_plan(
         root_logger.setLevel(logging.INFO)
     stop_rest: str | None = None
     current: StepResult | None = None
+    unsettled: _Unsettled = []
     begun = time.monotonic()
     try:
         with _sigterm_stops(), stack:
@@ -467,18 +524,25 @@ def run_plan(
                     ctx.progress(f"{position} {step.name} ({step.action}) ...")
                     begun = time.monotonic()
                     current = step_result
-                    _run_step(ctx, step, step_result)
+                    waiting = _run_step(ctx, step, step_result)
                     current = None
                     step_result.duration_s = round(time.monotonic() - begun, 3)
+                    if waiting is not None:
+                        unsettled.append((step, step_result, waiting))
+                        step_result.message = "; ".join(
+                            filter(None, [step_result.message, "evidence still coming in"])
+                        )
                 result.steps.append(step_result)
                 message = f": {step_result.message}" if step_result.message else ""
                 ctx.progress(
                     f"{position} {step.name}: {step_result.status} "
                     f"({step_result.duration_s:.1f} s){message}"
                 )
+                _settle(ctx, unsettled, None)
                 if step_result.status in ("failed", "error") and step.stop_on_failure:
                     stop_rest = f"not run: step {step.name} failed and stops the plan"
             ctx.join_background(60.0)
+            _settle(ctx, unsettled, 60.0)
             ctx.progress(f"plan {plan.name}: stopping boards and hub")
     except (KeyboardInterrupt, _Interrupted):
         result.interrupted = True

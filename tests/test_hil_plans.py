@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 import yaml
 
+from device_agent.updater.machine import UpdateEvent, UpdateState, next_state
 from hil.plan import ASSERTIONS, PlanError, load_plan, parse_plan, shipped_plans
 from hil.report import PlanResult, StepResult, TimelineEvent, render_html, write_reports
 from hil.runner import check_expectations, run_plan
 from hil.steps.context import Outcome
+from hil.steps.faults import dropped_fetch_responses, reaction_text, update_reaction
 from tests.clitools import BIN, assert_one_line_error, run_cli
 
 # -- plan validation ---------------------------------------------------------------------------
@@ -115,6 +117,13 @@ def test_a_good_plan_validates_into_typed_steps() -> None:
             "tiny.yaml: steps[6].fault.pct: 'pct' is not a parameter of a partition fault",
         ),
         (
+            _with_step(
+                6, {"fault": {"kind": "partition", "boards": "all"}, "expect": {"corrupted_min": 1}}
+            ),
+            "tiny.yaml: steps[6].expect: corrupted_min counts corrupted chunks: a corrupt_chunk "
+            "fault's, not a partition fault's",
+        ),
+        (
             _with_step(7, {"latency": {"boards": ["mcu"]}, "expect": {"state": "committed"}}),
             "tiny.yaml: steps[7].expect: assertion 'state' does not apply to latency",
         ),
@@ -146,6 +155,7 @@ def test_a_good_plan_validates_into_typed_steps() -> None:
         "unknown-fault",
         "too-many-drawn",
         "parameter-of-another-fault",
+        "corrupted-min-of-another-fault",
         "assertion-of-another-action",
         "unknown-gateway-target",
         "unknown-qemu-target",
@@ -268,6 +278,109 @@ def test_expectations_name_what_does_not_hold() -> None:
     assert check_expectations(conformance, differs) == [
         "bit_exact is false, expected true (3 of 8 samples differ)"
     ]
+
+
+def _corrupt_step() -> Any:
+    data = _with_step(
+        6, {"fault": {"kind": "corrupt_chunk", "boards": ["gw"]}, "expect": {"corrupted_min": 1}}
+    )
+    return parse_plan(data, "tiny.yaml").steps[6]
+
+
+def test_corrupted_min_names_each_board_whose_proxy_corrupted_too_little() -> None:
+    step = _corrupt_step()
+    assert check_expectations(step, Outcome(observed={"corrupted": {"gw": 1}})) == []
+    assert check_expectations(step, Outcome(observed={"corrupted": {"gw": 0, "x": 2}})) == [
+        "gw: 0 chunks corrupted < 1 (no download passed its proxy in time)"
+    ]
+    assert check_expectations(step, Outcome()) == ["no chunk corruption was watched for"]
+
+
+def _update_events(*steps: tuple[str, str | None]) -> list[dict[str, Any]]:
+    """``update`` events as the agent reports them, walking its state machine from idle."""
+    from device_agent.updater.updater import Transition
+
+    state, events = UpdateState.IDLE, []
+    for seq, (event, reason) in enumerate(steps, 1):
+        new = next_state(state, UpdateEvent(event))
+        detail = Transition(new, state, UpdateEvent(event), "t/1", 1, reason).detail()
+        events.append({"seq": seq, "event": "update", "ts": 0.0, "detail": detail})
+        state = new
+    return events
+
+
+def test_update_reaction_reads_retries_refusals_and_the_state_at_rest() -> None:
+    steps: list[tuple[str, str | None]] = [
+        ("start", None),
+        ("retry", "transport: link down"),
+        ("downloaded", None),
+        ("failed", "hash_mismatch: targets/x: bad hash"),
+        ("rolled_back", None),
+    ]
+    reaction = update_reaction(_update_events(*steps))
+    assert reaction["update_retries"] == 1
+    assert reaction["update_failures"] == 1
+    assert reaction["refused"] == "hash_mismatch: targets/x: bad hash"
+    assert reaction["final_state"] == "rolled_back"
+    again = update_reaction(_update_events(*steps, ("start", None)))
+    assert again["final_state"] is None  # updating again
+    done = update_reaction(
+        _update_events(
+            *steps, ("start", None), ("downloaded", None), ("verified", None),
+            ("installed", None), ("healthy", None),
+        )
+    )  # fmt: skip
+    assert done["final_state"] == "committed"
+    assert update_reaction([])["final_state"] is None
+    text = reaction_text(2, done)
+    assert text.startswith("dropped 2 damaged fetch response(s) and asked again; refused")
+    assert text.endswith("update at rest: committed")
+
+
+def test_dropped_fetch_responses_are_counted_in_the_agent_logs(tmp_path: Path) -> None:
+    (tmp_path / "agent.run1.log").write_text(
+        "W fetch: malformed fetch response dropped: fetch response has no header line\n"
+        "I update: downloading\n"
+        "W fetch: fetch response 0a1b dropped: it starts at offset 0, the request at 512\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "agent.run2.log").write_text("I nothing dropped here\n", encoding="utf-8")
+    logs = sorted(tmp_path.glob("agent.run*.log"))
+    assert dropped_fetch_responses([*logs, tmp_path / "missing.log"]) == 2
+
+
+def test_a_step_with_evidence_still_coming_in_is_concluded_when_it_is_in(tmp_path: Path) -> None:
+    import threading
+    from contextlib import ExitStack
+
+    from hil.runner import _settle
+    from hil.steps.context import RunContext
+
+    step = _corrupt_step()
+    plan = parse_plan(_plan(), "tiny.yaml")
+    ctx = RunContext(plan=plan, seed=0, workdir=tmp_path, stack=ExitStack(), progress_stream=None)
+    release = threading.Event()
+    outcomes = []
+    for count in (1, 0):
+        outcome = Outcome(observed={"corrupted": {"gw": 0}})
+
+        def watch(outcome: Outcome = outcome, count: int = count) -> None:
+            release.wait()
+            outcome.record({"gw.corrupted": count}, {"corrupted": {"gw": count}})
+
+        outcome.pending = [threading.Thread(target=watch, daemon=True)]
+        outcome.pending[0].start()
+        outcomes.append((step, StepResult(step.name, "fault", "passed"), outcome))
+    unsettled = list(outcomes)
+    _settle(ctx, unsettled, None)  # nothing in yet: both wait
+    assert len(unsettled) == 2 and all(r.status == "passed" for _, r, _ in outcomes)
+    release.set()
+    _settle(ctx, unsettled, 30.0)
+    assert unsettled == []
+    (_, hit, _), (_, missed, _) = outcomes
+    assert (hit.status, hit.metrics["gw.corrupted"]) == ("passed", 1)
+    assert (missed.status, missed.metrics["gw.corrupted"]) == ("failed", 0)
+    assert "gw: 0 chunks corrupted < 1" in missed.message
 
 
 # -- reports -----------------------------------------------------------------------------------

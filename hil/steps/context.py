@@ -52,7 +52,13 @@ class Outcome:
 
     ``observed`` holds the values assertions are checked against: ``bit_exact``,
     ``latencies_ms`` (every sample), ``states`` and ``reasons`` (per board), ``state`` and
-    ``reason`` (a rollout's), ``flash_bytes``, ``ram_bytes``, ``errors``, ``samples``.
+    ``reason`` (a rollout's), ``flash_bytes``, ``ram_bytes``, ``errors``, ``samples``,
+    ``corrupted`` (per board: chunks its proxy corrupted).
+
+    ``pending`` are threads still gathering evidence after the step function returned (a
+    fault in the background, a corruption not yet seen): they add to the outcome with
+    :meth:`record`, and the runner checks the step's assertions and adds their metrics to
+    the report once they have ended (at the latest at the end of the run).
     """
 
     observed: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +66,20 @@ class Outcome:
     series: dict[str, list[float]] = field(default_factory=dict)
     rows: list[dict[str, Metric]] = field(default_factory=list)
     message: str = ""
+    pending: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(
+        self,
+        metrics: dict[str, Metric] | None = None,
+        observed: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Add ``metrics``, and per-board ``observed`` values (``{"corrupted": {board: n}}``
+        merged into the dictionaries there), from any thread."""
+        with self.lock:
+            self.metrics.update(metrics or {})
+            for key, values in (observed or {}).items():
+                self.observed.setdefault(key, {}).update(values)
 
 
 @dataclass
