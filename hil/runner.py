@@ -521,9 +521,11 @@ def run_plan(
                     step_result.status = "error"
                     step_result.message = f"not run: the plan's {plan.timeout_s:g} s ran out"
                 else:
-                    ctx.progress(f"{position} {step.name} ({step.action}) ...")
+                    # the step is current before it is announced: an interrupt right after
+                    # the line marks it interrupted, not skipped
                     begun = time.monotonic()
                     current = step_result
+                    ctx.progress(f"{position} {step.name} ({step.action}) ...")
                     waiting = _run_step(ctx, step, step_result)
                     current = None
                     step_result.duration_s = round(time.monotonic() - begun, 3)
