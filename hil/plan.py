@@ -3,8 +3,8 @@
 A plan names the boards it needs and the steps it runs on them, in order; see
 ``docs/hil.md`` for the format. :func:`load_plan` reads and validates a whole plan before
 anything runs: every mistake is a :class:`PlanError` whose one-line message names the file
-and the path inside it, e.g. ``smoke.yaml: steps[3].expect: unknown assertion 'bitexact'
-(known: bit_exact, max_latency_ms)``.
+and the path inside it, e.g. ``smoke.yaml: steps[4].expect: unknown assertion 'bitexact'
+(known: bit_exact, errors_max, max_latency_ms, mean_latency_ms)``.
 
 :func:`shipped_plans` lists the plans that come with the rig (``hil/plans/*.yaml``);
 :func:`resolve_plan` turns a path or a shipped plan's name into a file.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,7 +399,7 @@ PARAMS: dict[str, dict[str, _Param]] = {
     "soak": {
         "boards": _p(_boards_param, "all"),
         "duration_s": _p(_number(0.1, strict=False), 10.0),
-        "rate_hz": _p(_number(0.0, strict=True), 5.0),
+        "rate_hz": _p(_number(0.0, strict=True, maximum=1000.0), 5.0),
     },
     "fault": {
         "kind": _p(_choice(*FAULT_KINDS), required=True),
@@ -482,16 +483,16 @@ def _parse_board(name: str, value: object, path: str) -> BoardSpec:
         for key in ("port", "flash_command"):
             if key not in data:
                 raise _InvalidError(_join(path, key), "missing (a serial board needs it)")
-        flash = _string(data["flash_command"], _join(path, "flash_command"))
-        if "{image}" not in flash:
-            raise _InvalidError(_join(path, "flash_command"), "must contain {image}")
+        flash = _command("image", "port", needs="image")(
+            data["flash_command"], _join(path, "flash_command")
+        )
         return BoardSpec(
             name=name,
             kind=kind,
             port=_string(data["port"], _join(path, "port")),
             flash_command=flash,
-            reset_command=_opt(data, "reset_command", _string, path),
-            power_command=_opt(data, "power_command", _string, path),
+            reset_command=_opt(data, "reset_command", _command("image", "port"), path),
+            power_command=_opt(data, "power_command", _command("image", "port", "off_s"), path),
             baud=_integer(300)(data.get("baud", 115200), _join(path, "baud")),
         )
     agent = _check_mapping(data.get("agent", {}), _join(path, "agent"))
@@ -514,6 +515,31 @@ def _parse_board(name: str, value: object, path: str) -> BoardSpec:
         ),
         agent=dict(agent),
     )
+
+
+def _command(*placeholders: str, needs: str | None = None) -> Checker:
+    """A command template run without a shell (:func:`hil.boards.serial.run_command`): it
+    must split into words and use only ``placeholders``, ``needs`` among them."""
+
+    def check(value: object, path: str) -> str:
+        text = _string(value, path)
+        if needs is not None and "{" + needs + "}" not in text:
+            raise _InvalidError(path, "must contain {" + needs + "}")
+        try:
+            words = shlex.split(text)
+            for word in words:
+                word.format(**dict.fromkeys(placeholders, ""))
+        except (ValueError, KeyError, IndexError) as exc:
+            known = ", ".join("{" + name + "}" for name in placeholders)
+            problem = f"unknown placeholder {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise _InvalidError(
+                path, f"is not a command template ({problem}; placeholders: {known})"
+            ) from None
+        if not words:
+            raise _InvalidError(path, "is an empty command")
+        return text
+
+    return check
 
 
 def _opt(data: Mapping[str, Any], key: str, check: Checker, path: str) -> Any:
@@ -737,6 +763,17 @@ def _check_action(
             raise _InvalidError(path, "nothing to wait for: no rollout with 'wait: false' before")
         state["open_rollout"] = False
     elif action in ("conformance", "footprint"):
+        if params["archs"] is not None:
+            from edgeops.train.zoo import ARCHITECTURES
+
+            for i, arch in enumerate(params["archs"]):
+                if arch not in ARCHITECTURES:
+                    raise _InvalidError(
+                        _join(_join(path, "archs"), i),
+                        f"unknown architecture '{arch}' (known: {_known(ARCHITECTURES)})",
+                    )
+                if arch in params["archs"][:i]:
+                    raise _InvalidError(_join(_join(path, "archs"), i), f"'{arch}' is listed twice")
         if params["models"] == "zoo":
             if params.get("release") is not None:
                 raise _InvalidError(

@@ -167,8 +167,13 @@ class PlanResult:
 # -- JUnit -------------------------------------------------------------------------------------
 
 # XML 1.0 allows tab, newline, carriage return and U+0020 upwards (minus surrogates and two
-# non-characters); anything else in a message (a board's garbled UART output) is replaced.
-_XML_BAD = {c: "?" for c in range(0x20) if c not in (0x9, 0xA, 0xD)} | {0xFFFE: "?", 0xFFFF: "?"}
+# non-characters); anything else in a message (a board's garbled UART output, bytes decoded
+# with surrogateescape) is replaced.
+_XML_BAD = (
+    {c: "?" for c in range(0x20) if c not in (0x9, 0xA, 0xD)}
+    | {c: "?" for c in range(0xD800, 0xE000)}
+    | {0xFFFE: "?", 0xFFFF: "?"}
+)
 
 
 def _xml_text(value: object) -> str:
@@ -516,13 +521,32 @@ def render_html(result: PlanResult) -> str:
     return "\n".join(out) + "\n"
 
 
+# C0 controls other than whitespace are not allowed in HTML text, nor lone surrogates in UTF-8
+_HTML_BAD = {c: "?" for c in range(0x20) if c not in (0x9, 0xA, 0xC, 0xD)} | {
+    c: "?" for c in range(0xD800, 0xE000)
+}
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_reports(result: PlanResult, directory: Path) -> dict[str, Path]:
     """Write ``results.json``, ``junit.xml`` and ``report.html`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(result.to_dict()), indent=2, default=str, allow_nan=False)
     files = {
-        "results.json": (json.dumps(result.to_dict(), indent=2, default=str) + "\n").encode(),
+        "results.json": (text + "\n").encode(),
         "junit.xml": render_junit(result),
-        "report.html": render_html(result).encode(),
+        # a lone surrogate (bytes decoded with surrogateescape) cannot be encoded: "?"
+        "report.html": render_html(result).translate(_HTML_BAD).encode(),
     }
     written: dict[str, Path] = {}
     for name, data in files.items():

@@ -9,6 +9,7 @@ reference. ``chaos`` (twenty agents) is ``make hil``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -273,11 +274,93 @@ def test_expectations_name_what_does_not_hold() -> None:
     # a deploy expects committed even when the plan says nothing
     silent = parse_plan(_with_step(2, {"deploy": {"release": "fw", "boards": ["gw"]}}), "t")
     assert check_expectations(silent.steps[2], bad) != []
-    assert check_expectations(conformance, Outcome()) == ["nothing was compared"]
+    assert check_expectations(conformance, Outcome()) == ["bit_exact: nothing was compared"]
     differs = Outcome(observed={"bit_exact": False, "mismatch": "3 of 8 samples differ"})
     assert check_expectations(conformance, differs) == [
         "bit_exact is false, expected true (3 of 8 samples differ)"
     ]
+
+
+def test_no_sample_answered_is_no_evidence_for_bit_exact_or_errors_max() -> None:
+    # bit_exact: false (a mismatch expected) and errors_max held vacuously when every board
+    # erred before answering a single sample
+    data = _with_step(
+        4,
+        {
+            "conformance": {"release": "fw", "boards": ["mcu"]},
+            "expect": {"bit_exact": False, "errors_max": 3},
+        },
+    )
+    step = parse_plan(data, "tiny.yaml").steps[4]
+    nothing = Outcome(
+        observed={"bit_exact": False, "samples": 0, "errors": 1, "first_error": "mcu: no answer"}
+    )
+    assert check_expectations(step, nothing) == [
+        "bit_exact: nothing was compared (first error: mcu: no answer)",
+        "errors_max: no sample was answered (1 errors, first: mcu: no answer)",
+    ]
+    differs = Outcome(observed={"bit_exact": False, "samples": 8, "errors": 0})
+    assert check_expectations(step, differs) == []
+    soak = parse_plan(
+        _with_step(4, {"soak": {"boards": ["fleet"]}, "expect": {"errors_max": 0}}), "t"
+    ).steps[4]
+    assert check_expectations(soak, Outcome(observed={"samples": 0, "errors": 0})) == [
+        "errors_max: no sample was answered (0 errors)"
+    ]
+    assert check_expectations(soak, Outcome(observed={"samples": 5, "errors": 0})) == []
+
+
+def _serial_plan(**board: Any) -> dict[str, Any]:
+    devkit = {"kind": "serial", "port": "/dev/ttyACM0", "flash_command": "st-flash {image}"}
+    devkit.update(board)
+    return {
+        "name": "desk",
+        "boards": {"devkit": devkit},
+        "steps": [
+            {"release": {"id": "fw", "firmware": "mps2-an385"}},
+            {"deploy": {"release": "fw", "boards": ["devkit"]}},
+            {"conformance": {"release": "fw", "boards": ["devkit"]}, "expect": {"bit_exact": True}},
+            {"latency": {"boards": ["devkit"]}, "expect": {"errors_max": 0}},
+        ],
+    }
+
+
+def test_a_serial_board_plan_validates_and_its_commands_are_checked_as_templates() -> None:
+    plan = parse_plan(
+        _serial_plan(
+            flash_command="esptool.py --port {port} write_flash 0x10000 {image}",
+            power_command="uhubctl -l 1-1 -p 2 -a cycle -d {off_s}",
+        ),
+        "desk.yaml",
+    )
+    spec = plan.board("devkit")
+    assert (spec.kind, spec.port, spec.baud) == ("serial", "/dev/ttyACM0", 115200)
+    assert plan.steps[2].params["boards"] == ("devkit",)
+    bad = [
+        ({"flash_command": "flash {img}"}, "flash_command: must contain {image}"),
+        ({"flash_command": "flash {image} {serial}"}, "unknown placeholder 'serial'"),
+        ({"flash_command": "flash '{image}"}, "No closing quotation"),
+        ({"reset_command": "reset {off_s}"}, "reset_command: is not a command template"),
+    ]
+    for change, message in bad:
+        with pytest.raises(PlanError) as caught:
+            parse_plan(_serial_plan(**change), "desk.yaml")
+        assert message in str(caught.value), caught.value
+        assert str(caught.value).startswith("desk.yaml: boards.devkit.")
+
+
+def test_zoo_architectures_and_soak_rates_are_checked_before_the_run() -> None:
+    data = _plan()
+    data["steps"].insert(0, {"footprint": {"models": "zoo", "archs": ["mlp", "resnet"]}})
+    with pytest.raises(PlanError, match=r"^t: steps\[0\].footprint.archs\[1\]: unknown arch"):
+        parse_plan(data, "t")
+    data["steps"][0] = {"footprint": {"models": "zoo", "archs": ["mlp", "mlp"]}}
+    with pytest.raises(PlanError, match=r"archs\[1\]: 'mlp' is listed twice"):
+        parse_plan(data, "t")
+    # a rate whose rounds overflow was a step error at run time
+    data["steps"][0] = {"soak": {"boards": ["fleet"], "rate_hz": 1e308}}
+    with pytest.raises(PlanError, match=r"steps\[0\].soak.rate_hz: must be <= 1000"):
+        parse_plan(data, "t")
 
 
 def _corrupt_step() -> Any:
@@ -383,6 +466,48 @@ def test_a_step_with_evidence_still_coming_in_is_concluded_when_it_is_in(tmp_pat
     assert "gw: 0 chunks corrupted < 1" in missed.message
 
 
+def _context(tmp_path: Path) -> Any:
+    from contextlib import ExitStack
+
+    from hil.steps.context import RunContext
+
+    plan = parse_plan(_plan(), "tiny.yaml")
+    return RunContext(plan=plan, seed=0, workdir=tmp_path, stack=ExitStack(), progress_stream=None)
+
+
+def test_conformance_refuses_a_board_running_another_release_of_this_run(tmp_path: Path) -> None:
+    from hil.steps.context import BoardModel, Release
+    from hil.steps.measure import conformance
+
+    ctx = _context(tmp_path)
+    step = ctx.plan.steps[4]  # conformance of release fw on mcu
+    made = {
+        rid: Release(rid, f"digits/{n}/mcu", "m", "mcu", "mps2-an385", b"", b"")
+        for n, rid in enumerate(("fw", "old"))
+    }
+    ctx.releases.update(made)
+    ctx.loaded["mcu"] = BoardModel(release=made["old"])
+    outcome = conformance(ctx, step)
+    assert outcome.observed["samples"] == 0
+    assert check_expectations(step, outcome) == [
+        "bit_exact: nothing was compared (first error: mcu: board mcu runs release old "
+        "(deployed in this run), not fw)"
+    ]
+
+
+def test_the_end_of_a_run_stops_the_fault_and_evidence_threads(tmp_path: Path) -> None:
+    import threading
+
+    ctx = _context(tmp_path)
+    watching = threading.Thread(target=lambda: ctx.stopping.wait(600), daemon=True)
+    background = threading.Thread(target=lambda: ctx.stopping.wait(600), daemon=True)
+    watching.start()
+    background.start()
+    ctx.background.append(background)
+    assert ctx.stop_threads([watching], 30.0) == []
+    assert not watching.is_alive() and not background.is_alive()
+
+
 # -- reports -----------------------------------------------------------------------------------
 
 
@@ -460,6 +585,70 @@ def test_reports_are_valid_junit_self_contained_html_and_json(tmp_path: Path) ->
     assert data["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
     again = PlanResult.from_dict(data)
     assert again.to_dict() == data
+
+
+def test_reports_survive_surrogates_control_characters_and_nan(tmp_path: Path) -> None:
+    # a board's UART bytes decoded with surrogateescape, and a metric that came out NaN
+    odd = "garbled \udcff\x07 <x>"
+    result = PlanResult(
+        plan="odd",
+        boards={"far": odd},
+        steps=[
+            StepResult(odd, "latency", "failed", odd, metrics={"m": math.nan, odd: math.inf}),
+            StepResult("ok", "soak", "passed", odd),
+        ],
+        timeline=[TimelineEvent(1.0, "fault", odd, "far")],
+    )
+    written = write_reports(result, tmp_path)
+    root = ET.parse(written["junit.xml"]).getroot()
+    case = root.find("testsuite/testcase")
+    assert case is not None and case.get("name") == "garbled ?? <x>"
+    page = written["report.html"].read_bytes().decode("utf-8")
+    assert "garbled ?? &lt;x&gt;" in page
+    data = json.loads(
+        written["results.json"].read_text(encoding="utf-8"),
+        parse_constant=lambda name: pytest.fail(f"{name} in results.json"),
+    )
+    assert data["steps"][0]["metrics"]["m"] is None
+
+
+def test_the_working_directory_is_removed_when_the_reports_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    import hil.runner
+
+    made: list[Path] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(prefix: str) -> str:
+        path = real_mkdtemp(prefix=prefix, dir=tmp_path)
+        made.append(Path(path))
+        return path
+
+    def cannot_write(result: PlanResult, directory: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(hil.runner, "write_reports", cannot_write)
+    plan = parse_plan(
+        {
+            "name": "away",
+            "boards": {
+                "far": {
+                    "kind": "serial",
+                    "port": "/dev/nonexistent-hil-port",
+                    "flash_command": "true {image}",
+                }
+            },
+            "steps": [{"latency": {"boards": ["far"]}}],
+        },
+        "away.yaml",
+    )
+    with pytest.raises(OSError, match="No space left"):
+        run_plan(plan, tmp_path / "r", progress=None)
+    assert len(made) == 1 and not made[0].exists()
 
 
 def test_html_of_a_run_without_steps_or_samples_renders(tmp_path: Path) -> None:

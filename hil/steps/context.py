@@ -133,6 +133,8 @@ class RunContext:
     cache: dict[Any, Any] = field(default_factory=dict)
     deadline: float = float("inf")
     """time.monotonic() by which the current step must end (its timeout, the plan's)."""
+    stopping: threading.Event = field(default_factory=threading.Event)
+    """Set when the run ends: evidence threads stop watching, faults in force heal."""
     _hub: RigHub | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -196,6 +198,18 @@ class RunContext:
         if rid not in self.releases:
             raise StepError(f"release '{rid}' was not made (its release step did not pass)")
         return self.releases[rid]
+
+    def stop_threads(self, threads: list[threading.Thread], timeout_s: float) -> list[str]:
+        """Set :attr:`stopping` and wait up to ``timeout_s`` in all for ``threads`` and the
+        background faults to end; the names of those still running."""
+        self.stopping.set()
+        deadline = time.monotonic() + timeout_s
+        alive = []
+        for thread in [*self.background, *threads]:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                alive.append(thread.name)
+        return alive
 
     def join_background(self, timeout_s: float) -> None:
         """Wait for faults running in the background to end (they heal what they broke)."""

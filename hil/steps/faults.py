@@ -87,7 +87,8 @@ def _power_cut_during_update(ctx: RunContext, name: str, delay_s: float, off_s: 
     deadline = time.monotonic() + ctx.remaining(UPDATE_WAIT_S)
     state = _update_state(ctx, name)
     while state not in UPDATING_STATES and time.monotonic() < deadline:
-        time.sleep(0.02)
+        if ctx.stopping.wait(0.02):
+            return f"{name}: not cut (the run ended first)"
         state = _update_state(ctx, name)
     if state not in UPDATING_STATES:
         note = f"no update seen (state {state}); cut anyway"
@@ -207,9 +208,8 @@ def _wait_online(ctx: RunContext, name: str, timeout_s: float) -> float | None:
     while True:
         if _online(ctx, name) and sending():
             return round(time.monotonic() - started, 2)
-        if time.monotonic() - started >= timeout_s:
+        if time.monotonic() - started >= timeout_s or ctx.stopping.wait(0.25):
             return None
-        time.sleep(0.25)
 
 
 def _plan_deadline(ctx: RunContext) -> float:
@@ -267,7 +267,8 @@ def _link_fault(
     end = time.monotonic() + seconds
     try:
         while (left := end - time.monotonic()) > 0:
-            time.sleep(min(1.0, left))
+            if ctx.stopping.wait(min(1.0, left)):
+                break  # the run ends: heal now
             offline_seen = offline_seen or _online(ctx, name) is False
     finally:
         with lock:
@@ -284,11 +285,10 @@ def _link_fault(
         ctx.event("fault", f"{what} healed", name)
     metrics[f"{name}.offline_seen"] = offline_seen
     back_s = _wait_online(ctx, name, ONLINE_WAIT_S)
-    metrics[f"{name}.online_again_s"] = (
-        back_s if back_s is not None else f"not within {ONLINE_WAIT_S:g} s"
-    )
+    missed = "the run ended first" if ctx.stopping.is_set() else f"not within {ONLINE_WAIT_S:g} s"
+    metrics[f"{name}.online_again_s"] = back_s if back_s is not None else missed
     if back_s is None:
-        ctx.event("note", f"not online again at the hub {ONLINE_WAIT_S:g} s after the heal", name)
+        ctx.event("note", f"not online again at the hub after the heal: {missed}", name)
     else:
         ctx.event("note", f"online again at the hub {back_s:.1f} s after the heal", name)
     outcome.record(metrics)
@@ -309,8 +309,8 @@ def _watch_corruption(ctx: RunContext, outcome: Outcome, name: str, armed: dict[
         return sum(p.stats.corrupted - base for p, base in proxies.values())
 
     deadline = min(time.monotonic() + CORRUPTION_WAIT_S, _plan_deadline(ctx))
-    while corrupted() < 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while corrupted() < 1 and time.monotonic() < deadline and not ctx.stopping.wait(0.2):
+        pass
     count = corrupted()
     metrics: dict[str, Metric] = {f"{name}.corrupted": count}
     outcome.record(metrics, {"corrupted": {name: count}})
@@ -326,7 +326,8 @@ def _watch_corruption(ctx: RunContext, outcome: Outcome, name: str, armed: dict[
         reaction = update_reaction(_update_events(ctx, name)[armed["events"] :])
         if reaction["final_state"] is not None or time.monotonic() >= deadline:
             break
-        time.sleep(0.5)
+        if ctx.stopping.wait(0.5):
+            break
     dropped = dropped_fetch_responses(_agent_logs(ctx.boards.get(name))) - armed["dropped"]
     metrics[f"{name}.fetch_responses_dropped"] = dropped
     shown = {**reaction, "refused": reaction["refused"] or "nothing"}

@@ -319,6 +319,14 @@ def conformance(ctx: RunContext, step: Step) -> Outcome:
         via = _gateway_of(ctx, name)
         mismatched = samples = 0
         try:
+            running = ctx.loaded.get(name)
+            if running is not None and running.release is not None and running.release.id != rel.id:
+                # a board running another release would differ from this one's reference
+                # for a reason that is no conformance finding
+                raise StepError(
+                    f"board {name} runs release {running.release.id} (deployed in this run), "
+                    f"not {rel.id}"
+                )
             if spec.kind == "linux" or via is not None:
                 if via is None and rel.firmware is not None:
                     raise StepError(f"board {name} runs no firmware; release {rel.id} is one")
@@ -486,7 +494,9 @@ def soak(ctx: RunContext, step: Step) -> Outcome:
             tally.samples += 1
             tally.latencies_ms.append(out.latency_s * 1000.0)
         tick += 1
-        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        # a slow rate sleeps to the next round, but never past the soak's end
+        now = time.monotonic()
+        time.sleep(max(0.0, min(interval - (now - started), end - now)))
     tally.observed(outcome, compared=False)
     outcome.metrics["rounds"] = tick
     return outcome
