@@ -108,7 +108,14 @@ _HUNG_UP = "closed the connection"  # SerialFrameError of a port whose other end
 
 
 class BoardError(AgentError):
-    """The attached board could not be flashed or reached; the message names its port."""
+    """The attached board could not be flashed or reached; the message names its port.
+
+    ``kind`` is ``transport``: during an update the updater retries it (a debug probe busy, a
+    board that came back late), up to ``update_max_attempts``, then fails the update and rolls
+    back, which flashes the previous image again.
+    """
+
+    kind = "transport"
 
 
 class FirmwareArchiveError(AgentError):

@@ -62,6 +62,10 @@ with open(os.path.join(board, "flashes.log"), "a") as log:
 if os.path.exists(os.path.join(board, "fail")):
     print("Error: target not examined yet", file=sys.stderr)
     sys.exit(3)
+if os.path.exists(os.path.join(board, "fail-once")):
+    os.remove(os.path.join(board, "fail-once"))
+    print("Error: unable to open the debug probe", file=sys.stderr)
+    sys.exit(1)
 shutil.copyfile(image, os.path.join(board, "current.tmp"))
 os.replace(os.path.join(board, "current.tmp"), os.path.join(board, "current.elf"))
 """
@@ -482,6 +486,32 @@ def test_a_firmware_release_that_passes_conformance_is_committed(
     assert (Slots(state / "slots").active_dir() or Path()).joinpath("firmware.tar").is_file()
     assert [e["conformance"]["passed"] for e in events] == [True]
     assert host.champion is not None and host.champion.model_id == ModelBundle.load(good).model_id
+
+
+def test_a_flash_that_fails_once_is_retried_and_one_that_keeps_failing_rolls_back(
+    tmp_path: Path, board: FakeBoard, good: Path, int8_model_dir: Path
+) -> None:
+    old = firmware_bundle(tmp_path / "old", int8_model_dir, b"O", 1)
+    updater, host, gateway, events, _state = board_updater(tmp_path, board, old, good)
+    (board.dir / "fail-once").touch()  # a debug probe busy for a moment
+    assert updater.update(FIRMWARE_TARGET) == UpdateState.COMMITTED
+    assert board.flashes() == [image_sha(old), image_sha(good), image_sha(good)]
+    retries = [t for t in host.transitions if str(t.event) == "retry"]
+    assert len(retries) == 1 and "unable to open the debug probe" in (retries[0].reason or "")
+    assert board.current() == image_sha(good) == gateway.running_image
+    assert [e["conformance"]["passed"] for e in events] == [True]
+
+    # a flash that keeps failing: given up after max_attempts, then rolled back
+    updater, host, gateway, events, _state = board_updater(tmp_path / "again", board, old, good)
+    (board.dir / "fail").touch()  # the old image went on at this boot; now the probe is gone
+    flashes = len(board.flashes())
+    assert updater.update(FIRMWARE_TARGET) == UpdateState.ROLLED_BACK
+    reason = updater.record.reason or ""
+    assert reason.startswith(f"gave up after {updater.max_attempts} attempts: "), reason
+    assert "target not examined yet" in reason
+    # every attempt flashed, then the rollback tried to flash the old image again
+    assert len(board.flashes()) - flashes == updater.max_attempts + 1
+    assert events == []  # no conformance test ran on an image that never went on
 
 
 def test_a_firmware_release_that_fails_conformance_restores_the_previous_image(

@@ -362,7 +362,9 @@ def smoke_test(bundle_dir: Path, runtimes: Runtimes = LOCAL_RUNTIMES) -> ModelBu
     (quantization, invoke, dequantization); the output must equal the dequantized
     ``expected_output`` within one output quantization step (integer models) or 1e-4
     absolute + 1e-3 relative (float models). A card without vectors: one zero sample must
-    run. Every vector runs (all differing ones are listed) unless the runtime fails.
+    run. Every vector runs (all differing ones are listed) unless the runtime fails. An error
+    of kind ``transport`` while the bundle opens (an attached board that could not be flashed
+    or reached) is raised as it is, for the updater to retry.
     ``runtimes`` opens the bundle (default: in this process) and is told the result
     (:meth:`Runtimes.tested`) whether the test passes or not. SmokeTestError names what
     failed (a bundle that does not load, a model that fails, the first differing vector).
@@ -377,6 +379,8 @@ def smoke_test(bundle_dir: Path, runtimes: Runtimes = LOCAL_RUNTIMES) -> ModelBu
         try:
             runtime = runtimes.open(bundle)
         except AgentError as exc:
+            if getattr(exc, "kind", None) == "transport":
+                raise  # a board that could not be flashed or reached: the updater retries
             raise SmokeTestError(f"{where}: the model does not load: {exc}") from exc
         with runtime:
             try:
