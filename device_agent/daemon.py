@@ -94,6 +94,7 @@ _STATE_REPORTED = frozenset(
 SAMPLE_BUDGET_S = 0.05  # samples run per loop turn before link events are looked at again
 ANSWERING_SOURCES = frozenset({"http", "mqtt", "stdin"})  # someone waits for each sample
 DROP_EVENT_INTERVAL_S = 60.0  # at most one "buffer_dropped" event per interval
+CHAMPION_RETRY_S = 30.0  # a champion whose attached board failed at start is tried again
 EVENT_TYPE = "event"
 
 
@@ -191,6 +192,8 @@ class AgentDaemon:
         self._champion_errors_base = 0  # errors["runtime"] when the champion was installed
         self._model_error: str | None = None
         self._source_error: str | None = None
+        # (when, bundle dir): the champion's load failed on its attached board; tried again
+        self._champion_retry: tuple[float, Path] | None = None
         self._source_done = False  # exhausted, or failed for good
         self._source_exhausted_handled = False
         self._source_errors_seen: Counter[str] = Counter()
@@ -271,6 +274,7 @@ class AgentDaemon:
         bundle) and open the source; a failure is reported, never fatal."""
         if model_dir is None:
             return
+        self._champion_retry = None
         try:
             bundle = ModelBundle.load(model_dir)
             # a firmware bundle: the board is flashed first if it runs another image (a
@@ -280,6 +284,9 @@ class AgentDaemon:
             self._model_error = str(exc)
             log.error("champion model in %s not loaded: %s", model_dir, exc)
             self._event("model_load_failed", role="champion", path=str(model_dir), error=str(exc))
+            if getattr(exc, "kind", None) == "transport":
+                # an attached board unplugged or busy at start: tried again, not given up
+                self._champion_retry = (time.monotonic() + CHAMPION_RETRY_S, model_dir)
             return
         self._install_champion(bundle, runtime)
         log.info("champion %s loaded (%s)", runtime.model_id, runtime.name)
@@ -304,7 +311,15 @@ class AgentDaemon:
         self._source_error = None
         log.info("source %s open", kind)
 
+    def _retry_champion(self) -> None:
+        """Load the champion again once its retry is due (its attached board failed)."""
+        retry = self._champion_retry
+        if retry is not None and self.champion is None and time.monotonic() >= retry[0]:
+            self._start_inference(retry[1])
+            self._state_changed.set()
+
     def _install_champion(self, bundle: ModelBundle, runtime: Runtime) -> None:
+        self._champion_retry = None
         self._champion_errors_base = self.errors["runtime"]  # counted from here on
         self.champion_bundle, self.champion = bundle, runtime
         self._model_error = None
@@ -405,6 +420,7 @@ class AgentDaemon:
     def _turn(self) -> None:
         """One turn of the main loop."""
         self.updates.pump()
+        self._retry_champion()
         if self.champion is None:
             event = self.link.get(timeout_s=0.25)
             if event is not None:

@@ -581,6 +581,31 @@ def test_a_power_cut_between_flash_and_rollback_is_undone_at_boot(
     assert events[-1]["conformance"]["passed"] is False
 
 
+def test_a_champion_whose_board_fails_at_start_is_tried_again(
+    tmp_path: Path, board: FakeBoard, good: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import device_agent.daemon as daemon_module
+    from device_agent.daemon import AgentDaemon
+
+    monkeypatch.setattr(daemon_module, "CHAMPION_RETRY_S", 0.0)
+    settings = AgentSettings(device_id="gw-9", data_dir=tmp_path / "d", mcu=board.settings())
+    daemon = AgentDaemon(settings)
+    (board.dir / "fail").touch()  # the board's probe is unplugged at boot
+    daemon._start_inference(good)
+    assert daemon.champion is None and daemon._champion_retry is not None
+    assert "flash command exited with 3" in (daemon._model_error or "")
+    (board.dir / "fail").unlink()  # plugged in again
+    daemon._retry_champion()
+    try:
+        assert daemon.champion is not None and daemon._model_error is None
+        assert board.current() == image_sha(good)
+    finally:
+        if daemon.champion is not None:
+            daemon.champion.close()
+        if daemon.gateway is not None:
+            daemon.gateway.close()
+
+
 def test_agent_program_with_a_board_flashes_its_champion_at_start(
     tmp_path: Path, board: FakeBoard, good: Path, mosquitto_url: str, isolated_environment: Path
 ) -> None:
