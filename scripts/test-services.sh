@@ -3,7 +3,8 @@
 # the Mosquitto binary (tests start private brokers from deploy/mosquitto/mosquitto.conf),
 # a PostgreSQL server on 127.0.0.1:5432 (EDGEOPS_TEST_POSTGRES_URL overrides it), and the
 # Cortex-M toolchain the firmware tests build with (arm-none-eabi-gcc with newlib, QEMU), and
-# Debian's Chromium for the dashboard's browser tests.
+# Debian's Chromium for the dashboard's browser tests, and what the HIL rig's Linux boards
+# use (iproute2, libfaketime, nftables, ping).
 set -euo pipefail
 
 apt_updated=0
@@ -29,6 +30,8 @@ need_pkg qemu-system-arm qemu-system-arm
 need_pkg g++ g++
 # the dashboard's browser tests drive Debian's Chromium (Playwright never downloads one)
 need_pkg chromium chromium fonts-dejavu-core
+# the rig's Linux boards: network namespaces, veth pairs and tc (iproute2)
+need_pkg ip iproute2
 # the rig's Linux boards run agents with a skewed wall clock (libfaketime)
 need_pkg faketime faketime libfaketime
 # packet loss on the rig's links without netem (nftables in a namespace), measured with ping
