@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.clitools import BIN, run_cli
+from tests.clitools import BIN, run_cli, sigint_as_in_a_terminal
 
 pytestmark = pytest.mark.slow
 
@@ -80,19 +80,13 @@ def test_headless_demo_closes_the_loop_and_leaves_no_process(isolated_environmen
     assert _left_after(marker) == []
 
 
-def _sigint_as_in_a_terminal() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_interrupted_demo_stops_every_child_process() -> None:
     marker = uuid.uuid4().hex
     process = subprocess.Popen(
         [str(BIN / "edgeops"), "demo", "--devices", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "EDGEOPS_TEST_MARKER": marker, "COLUMNS": "200"},
-        # Ctrl-C as in a terminal, even where the tests run with SIGINT ignored (a shell
-        # ignores it for a command it starts in the background, and children inherit that)
-        preexec_fn=_sigint_as_in_a_terminal,
+        preexec_fn=sigint_as_in_a_terminal,
     )  # fmt: skip
     assert process.stdout is not None
     lines = []

@@ -28,7 +28,7 @@ from hil.report import PlanResult, StepResult, TimelineEvent, render_html, write
 from hil.runner import check_expectations, run_plan
 from hil.steps.context import Outcome
 from hil.steps.faults import dropped_fetch_responses, reaction_text, update_reaction
-from tests.clitools import BIN, assert_one_line_error, run_cli
+from tests.clitools import BIN, assert_one_line_error, run_cli, sigint_as_in_a_terminal
 
 # -- plan validation ---------------------------------------------------------------------------
 
@@ -845,6 +845,7 @@ def test_ctrl_c_stops_the_boards_and_still_writes_the_reports(tmp_path: Path) ->
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **_run_env(tmp_path)},
+        preexec_fn=sigint_as_in_a_terminal,
     )
     assert process.stderr is not None
     lines = []
