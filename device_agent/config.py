@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import string
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -35,6 +33,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from device_agent.command import TemplateError, fill_template, parse_template
 from device_agent.errors import ConfigError, ProtocolError
 from device_agent.fsio import atomic_write_bytes
 from device_agent.link import MqttEndpoint, TlsFiles, mask_url
@@ -190,35 +189,19 @@ class McuSettings(BaseModel):
     @classmethod
     def _flash_command(cls, value: str) -> str:
         try:
-            words = shlex.split(value)
-        except ValueError as exc:
-            raise ValueError(f"flash_command is not a valid command line: {exc}") from None
-        if not words:
-            raise ValueError("flash_command is empty")
-        names: set[str] = set()
-        for word in words:
-            try:
-                fields = [name for _, name, _, _ in string.Formatter().parse(word)]
-            except ValueError as exc:
-                raise ValueError(f"flash_command: {exc} in {word!r}") from None
-            names.update(name for name in fields if name is not None)
-        unknown = names - MCU_PLACEHOLDERS
-        if unknown:
-            raise ValueError(
-                f"flash_command holds unknown placeholder(s) "
-                f"{', '.join('{' + n + '}' for n in sorted(unknown))}; only {{image}} and "
-                "{port} are replaced (write {{ and }} for literal braces)"
-            )
-        if "image" not in names:
-            raise ValueError("flash_command must hold {image}, the path of the image to flash")
+            parse_template(value, MCU_PLACEHOLDERS, required=("image",))
+        except TemplateError as exc:
+            if exc.missing and not exc.unknown:
+                raise ValueError(
+                    "flash_command must hold {image}, the path of the image to flash"
+                ) from None
+            raise ValueError(f"flash_command: {exc}") from None
         return value
 
     def flash_argv(self, image: Path) -> list[str]:
         """The flash command's words with ``{image}`` and ``{port}`` filled in."""
-        return [
-            word.format(image=str(image), port=self.port)
-            for word in shlex.split(self.flash_command)
-        ]
+        words = parse_template(self.flash_command, MCU_PLACEHOLDERS)
+        return fill_template(words, image=str(image), port=self.port)
 
 
 class AgentSettings(FileBackedSettings):

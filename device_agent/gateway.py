@@ -45,12 +45,9 @@ steps).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import signal
 import subprocess
 import tarfile
 import threading
@@ -61,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.command import run_in_group
 from device_agent.config import McuSettings
 from device_agent.errors import AgentError
 from device_agent.fsio import atomic_write_chunks, atomic_write_json
@@ -283,7 +281,7 @@ class Gateway(Runtimes):
         self.flashes += 1
         returncode, said = self._run_flash(argv)
         if returncode != 0:
-            tail = " ".join(said.decode("utf-8", "replace").split())[-_OUTPUT_TAIL:]
+            tail = " ".join(said.split())[-_OUTPUT_TAIL:]
             raise BoardError(
                 f"board {self.port_name}: the flash command exited with {returncode}"
                 + (f": {tail}" if tail else "")
@@ -295,38 +293,25 @@ class Gateway(Runtimes):
             self._running = digest
         log.info("board %s runs image %s", self.port_name, digest[:12])
 
-    def _run_flash(self, argv: list[str]) -> tuple[int, bytes]:
+    def _run_flash(self, argv: list[str]) -> tuple[int, str]:
         """Run the flash command in a process group of its own; its exit status and what it
         printed (stderr, else stdout). On a timeout the whole group is killed: a wrapper
         script's flasher (openocd, a debug probe's server) must not keep the probe or the
         port."""
         timeout = self.settings.flash_timeout_s
         try:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
+            done = run_in_group(argv, timeout)
         except FileNotFoundError:
             raise BoardError(
                 f"board {self.port_name}: flash command {argv[0]!r} not found"
             ) from None
         except OSError as exc:
             raise BoardError(f"board {self.port_name}: flash command failed: {exc}") from None
-        with process:
-            try:
-                stdout, stderr = process.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _kill_group(process)
-                raise BoardError(
-                    f"board {self.port_name}: the flash command did not finish in {timeout:g} s"
-                ) from None
-            except BaseException:
-                _kill_group(process)
-                raise
-        return process.returncode, (stderr.strip() or stdout.strip())
+        except subprocess.TimeoutExpired:
+            raise BoardError(
+                f"board {self.port_name}: the flash command did not finish in {timeout:g} s"
+            ) from None
+        return done.returncode, (done.stderr.strip() or done.stdout.strip())
 
     def _prune(self, keep: str) -> None:
         """Remove extracted images other than ``keep`` (each is taken out again when needed)."""
@@ -486,15 +471,6 @@ def conformance_detail(bundle: ModelBundle, replay: Replay, board: str) -> dict[
         "latency_ms_max": round(max(latencies), 3) if latencies else None,
         "reason": replay.reason,
     }
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process group ``process`` leads and reap ``process``."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    process.wait()
 
 
 def _finite(value: float | None) -> float | None:

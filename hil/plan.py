@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from device_agent.command import TemplateError, parse_template
 from hil.errors import HilError
 
 __all__ = [
@@ -519,24 +519,27 @@ def _parse_board(name: str, value: object, path: str) -> BoardSpec:
 
 def _command(*placeholders: str, needs: str | None = None) -> Checker:
     """A command template run without a shell (:func:`hil.boards.serial.run_command`): it
-    must split into words and use only ``placeholders``, ``needs`` among them."""
+    must split into words and use only ``placeholders``, ``needs`` among them
+    (:func:`device_agent.command.parse_template`)."""
 
     def check(value: object, path: str) -> str:
         text = _string(value, path)
-        if needs is not None and "{" + needs + "}" not in text:
-            raise _InvalidError(path, "must contain {" + needs + "}")
         try:
-            words = shlex.split(text)
-            for word in words:
-                word.format(**dict.fromkeys(placeholders, ""))
-        except (ValueError, KeyError, IndexError) as exc:
+            parse_template(text, placeholders, required=(needs,) if needs else ())
+        except TemplateError as exc:
+            if exc.missing:
+                raise _InvalidError(path, "must contain {" + exc.missing[0] + "}") from None
+            if exc.empty:
+                raise _InvalidError(path, "is an empty command") from None
             known = ", ".join("{" + name + "}" for name in placeholders)
-            problem = f"unknown placeholder {exc}" if isinstance(exc, KeyError) else str(exc)
+            problem = (
+                "unknown placeholder " + ", ".join(repr(name) for name in exc.unknown)
+                if exc.unknown
+                else str(exc)
+            )
             raise _InvalidError(
                 path, f"is not a command template ({problem}; placeholders: {known})"
             ) from None
-        if not words:
-            raise _InvalidError(path, "is an empty command")
         return text
 
     return check

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.command import TemplateError, fill_template, parse_template, run_in_group
 from device_agent.runtime._errors import SerialFrameError
 from device_agent.runtime._serial import (
     FrameKind,
@@ -65,7 +65,6 @@ INFO_ATTEMPT_S = 2.5
 pseudo-terminal takes up to a second to notice that the host opened it)."""
 COMMAND_TIMEOUT_S = 300.0
 RESET_PULSE_S = 0.1
-_DRAIN_S = 2.0  # seconds to collect a killed command's last output
 _INFO_SEQ = 0xFF00  # info requests use seqs 0xFF00-0xFFFF, inputs 1-0xFEFF
 _CYCLES_BYTES = 4
 
@@ -252,67 +251,34 @@ def _tail(text: str, lines: int = 4) -> str:
 
 
 def run_command(board: str, what: str, template: str, timeout_s: float, **values: str) -> None:
-    """Run the command ``template`` filled with ``values`` (no shell); BoardError naming it
-    and the last lines it printed if it cannot run, times out or exits non-zero."""
+    """Run the command ``template`` filled with ``values`` (no shell, in a process group of
+    its own: :func:`device_agent.command.run_in_group`); BoardError naming it and the last
+    lines it printed if it cannot run, times out or exits non-zero."""
     try:
-        command = [part.format(**values) for part in shlex.split(template)]
-    except (ValueError, KeyError, IndexError) as exc:
+        command = fill_template(parse_template(template, values), **values)
+    except TemplateError as exc:
         raise BoardError(
             f"board {board}: the {what} command {template!r} is not a valid template "
             f"(placeholders: {', '.join('{' + k + '}' for k in values)}): {exc}"
         ) from None
-    if not command:
-        raise BoardError(f"board {board}: the {what} command is empty")
     shown = shlex.join(command)
     try:
-        # a process group of its own: on a timeout the flasher a wrapper started (openocd
-        # under west, a probe's server) is killed too, and does not keep the probe or port
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-        )
+        done = run_in_group(command, timeout_s)
     except OSError as exc:
         raise BoardError(
             f"board {board}: cannot run the {what} command `{shown}`: {exc.strerror or exc}"
         ) from None
-    with process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired as exc:
-            _kill_group(process)
-            try:  # what it printed, unless a process outside its group holds the pipes
-                stdout, stderr = process.communicate(timeout=_DRAIN_S)
-                said: str | bytes = stderr or stdout
-            except subprocess.TimeoutExpired:
-                said = exc.stderr or exc.stdout or ""
-            if isinstance(said, bytes):
-                said = said.decode("utf-8", errors="replace")
-            raise BoardError(
-                f"board {board}: the {what} command `{shown}` did not finish within "
-                f"{timeout_s:g} s: {_tail(said)}"
-            ) from None
-        except BaseException:
-            _kill_group(process)
-            raise
-    if process.returncode != 0:
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stderr or exc.output or ""  # text: run_in_group decodes it
+        raise BoardError(
+            f"board {board}: the {what} command `{shown}` did not finish within "
+            f"{timeout_s:g} s: {_tail(said if isinstance(said, str) else said.decode())}"
+        ) from None
+    if done.returncode != 0:
         raise BoardError(
             f"board {board}: the {what} command `{shown}` exited with status "
-            f"{process.returncode}: {_tail(stdout + stderr)}"
+            f"{done.returncode}: {_tail(done.stdout + done.stderr)}"
         )
-
-
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    """SIGKILL the process group ``process`` leads and reap ``process``."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    process.wait()
 
 
 class SerialBoard(Board):
